@@ -1,0 +1,270 @@
+"""Tests for usss_jax.metric_writers: JSON lines, TensorBoard event files, progress, NaN checks."""
+
+import glob
+import io
+import json
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+
+from usss_jax.metric_writers import (MetricWriter, NonFiniteLossError, ProgressBar,
+                                     check_finite)
+
+# --- A TFRecord / event-file reader written from the format spec, independent of the writer.
+
+
+def _crc32c_table():
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = _crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_events(path: str) -> list[event_pb2.Event]:
+  """Parses TFRecord framing (length, masked CRC, payload, masked CRC) into Events."""
+  events = []
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", header)
+    (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    assert header_crc == _masked_crc(header), f"bad length CRC at byte {pos}"
+    payload = data[pos + 12:pos + 12 + length]
+    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    assert payload_crc == _masked_crc(payload), f"bad payload CRC at byte {pos}"
+    events.append(event_pb2.Event.FromString(payload))
+    pos += 16 + length
+  assert pos == len(data)
+  return events
+
+
+def _event_file(workdir) -> str:
+  files = glob.glob(os.path.join(str(workdir), "tensorboard", "events.out.tfevents.*"))
+  assert len(files) == 1, files
+  return files[0]
+
+
+def _scalars(events) -> dict[str, list[tuple[int, float]]]:
+  out = {}
+  for event in events:
+    for value in event.summary.value:
+      if value.HasField("simple_value"):
+        out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out
+
+
+def _read_jsonl(workdir) -> list[dict]:
+  with open(os.path.join(str(workdir), "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_crc32c_reference_vector():
+  assert _crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+
+
+def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_scalars(10, {"loss": np.float32(0.125), "lr": jnp.asarray(0.01),
+                              "entropy/cityscapes": 1.5, "num_pixels": np.int64(4096)})
+    writer.write_scalars(20, {"loss": 0.0625, "lr": 0.009})
+  lines = _read_jsonl(tmp_path)
+  assert lines[0] == {"step": 10, "kind": "train", "loss": 0.125,
+                      "lr": float(np.float32(0.01)), "entropy/cityscapes": 1.5,
+                      "num_pixels": 4096}
+  assert isinstance(lines[0]["num_pixels"], int)
+  assert lines[1] == {"step": 20, "kind": "train", "loss": 0.0625, "lr": 0.009}
+
+  events = _read_events(_event_file(tmp_path))
+  assert events[0].file_version == "brain.Event:2"
+  scalars = _scalars(events)
+  assert scalars["loss"] == [(10, 0.125), (20, 0.0625)]
+  assert scalars["entropy/cityscapes"] == [(10, 1.5)]
+  assert scalars["lr"][1][0] == 20
+  assert scalars["lr"][1][1] == pytest.approx(0.009, rel=1e-6)
+
+  # A second writer (a resumed run) appends to metrics.jsonl.
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    writer.write_scalars(30, {"loss": 0.5})
+  assert [line["step"] for line in _read_jsonl(tmp_path)] == [10, 20, 30]
+
+
+def test_each_line_is_on_disk_before_close(tmp_path):
+  writer = MetricWriter(str(tmp_path), tensorboard=False)
+  writer.write_scalars(1, {"loss": 2.0})
+  # Read while the writer is still open: a killed run keeps this line.
+  assert _read_jsonl(tmp_path) == [{"step": 1, "kind": "train", "loss": 2.0}]
+  writer.close()
+
+
+def test_eval_results_nested(tmp_path):
+  results = {"mean_miou": np.float64(0.4),
+             "cityscapes": {"miou": 0.5, "iou": np.array([0.25, np.nan, 0.75]),
+                            "class_names": ["road", "sky", "car"], "num_images": 3},
+             "idd": {"miou": jnp.float32(0.3)}}
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_eval(100, results)
+  (line,) = _read_jsonl(tmp_path)
+  assert line == {"step": 100, "kind": "eval", "mean_miou": 0.4,
+                  "cityscapes": {"miou": 0.5, "iou": [0.25, None, 0.75],
+                                 "class_names": ["road", "sky", "car"], "num_images": 3},
+                  "idd": {"miou": float(np.float32(0.3))}}
+  scalars = _scalars(_read_events(_event_file(tmp_path)))
+  assert set(scalars) == {"mean_miou", "cityscapes/miou", "cityscapes/num_images", "idd/miou"}
+  assert scalars["cityscapes/miou"] == [(100, 0.5)]
+  assert scalars["idd/miou"][0][1] == pytest.approx(0.3, rel=1e-6)
+
+
+def test_images_read_back_exactly(tmp_path):
+  rng = np.random.default_rng(0)
+  single = rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+  batch = rng.integers(0, 256, size=(2, 4, 5, 3), dtype=np.uint8)
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_images(7, {"pred": single, "samples": batch})
+    with pytest.raises(ValueError, match=r"image 'bad': expected uint8 .* got float32 \(4, 4, 3\)"):
+      writer.write_images(7, {"bad": np.zeros((4, 4, 3), np.float32)})
+  decoded = {}
+  for event in _read_events(_event_file(tmp_path)):
+    for value in event.summary.value:
+      if value.HasField("image"):
+        assert event.step == 7
+        image = Image.open(io.BytesIO(value.image.encoded_image_string))
+        decoded[value.tag] = np.asarray(image.convert("RGB"))
+  assert set(decoded) == {"pred", "samples/0", "samples/1"}
+  np.testing.assert_array_equal(decoded["pred"], single)
+  np.testing.assert_array_equal(decoded["samples/0"], batch[0])
+  np.testing.assert_array_equal(decoded["samples/1"], batch[1])
+
+
+def test_hparams_flattened(tmp_path):
+  config = {"optim": {"base_lr": 0.01, "momentum": 0.9}, "model": "drn_d_22",
+            "datasets": ("cityscapes", "idd"), "use_entropy": True, "batch_size": 8}
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_hparams(config)
+  (line,) = _read_jsonl(tmp_path)
+  assert line == {"kind": "hparams", "hparams": {
+      "optim/base_lr": 0.01, "optim/momentum": 0.9, "model": "drn_d_22",
+      "datasets": "('cityscapes', 'idd')", "use_entropy": True, "batch_size": 8}}
+  starts = [value for event in _read_events(_event_file(tmp_path))
+            for value in event.summary.value if value.tag == "_hparams_/session_start_info"]
+  assert len(starts) == 1
+  plugin = plugin_hparams_pb2.HParamsPluginData.FromString(
+      starts[0].metadata.plugin_data.content)
+  hparams = plugin.session_start_info.hparams
+  assert hparams["optim/base_lr"].number_value == 0.01
+  assert hparams["model"].string_value == "drn_d_22"
+  assert hparams["use_entropy"].bool_value is True
+
+
+def test_disabled_writer_creates_nothing(tmp_path):
+  workdir = tmp_path / "process1"
+  with MetricWriter(str(workdir), enabled=False) as writer:
+    writer.write_scalars(1, {"loss": 1.0})
+    writer.write_eval(1, {"miou": 0.5})
+    writer.write_images(1, {"x": np.zeros((2, 2, 3), np.uint8)})
+    writer.write_hparams({"a": 1})
+    writer.flush()
+  assert not workdir.exists()
+
+
+def test_tensorboard_off_and_bad_values(tmp_path):
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    writer.write_scalars(1, {"loss": float("nan")})
+    with pytest.raises(ValueError, match="reserved"):
+      writer.write_scalars(2, {"step": 3})
+    with pytest.raises(ValueError, match=r"metric 'iou': expected a number.*shape \(3,\)"):
+      writer.write_scalars(2, {"iou": np.zeros(3)})
+  assert not (tmp_path / "tensorboard").exists()
+  # Strict JSON: NaN becomes null.
+  assert _read_jsonl(tmp_path) == [{"step": 1, "kind": "train", "loss": None}]
+
+
+def test_check_finite():
+  check_finite(5, {"loss": 1.0, "aux": jnp.asarray(2.0), "count": np.int32(3)})
+  with pytest.raises(NonFiniteLossError, match="non-finite loss_entropy=nan at step 1234") as e:
+    check_finite(1234, {"loss": 1.0, "loss_entropy": jnp.asarray(jnp.nan)})
+  assert (e.value.step, e.value.name) == (1234, "loss_entropy")
+  assert np.isnan(e.value.value)
+  with pytest.raises(NonFiniteLossError, match="at step 7") as e:
+    check_finite(7, {"loss": np.float32(-np.inf)})
+  assert e.value.value == -np.inf
+
+
+class _FakeClock:
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def test_progress_bar_plain_lines():
+  stream, clock = io.StringIO(), _FakeClock()
+  bar = ProgressBar(1100, initial_step=100, every_seconds=5.0, stream=stream, clock=clock)
+  clock.now = 1.0
+  bar.update(110, {"loss": 0.5})
+  assert stream.getvalue() == ""  # within every_seconds
+  clock.now = 5.0
+  bar.update(150, {"loss": 0.25})
+  # 50 steps in 5 s -> 10 steps/s; 950 steps left -> 95 s.
+  assert stream.getvalue() == "step 150/1100 (13.6%) | 10.00 steps/s | ETA 0:01:35 | loss 0.25\n"
+  clock.now = 7.0
+  bar.update(160)
+  clock.now = 25.0
+  bar.update(550)
+  # Speed since the previous report: 400 steps in 20 s; 550 left -> 27.5 s.
+  assert stream.getvalue().splitlines()[-1] == "step 550/1100 (50.0%) | 20.00 steps/s | ETA 0:00:28"
+  clock.now = 26.0
+  bar.update(1100)  # the last step is always reported
+  assert stream.getvalue().splitlines()[-1].startswith("step 1100/1100 (100.0%) | 550.00 steps/s")
+  bar.close()
+  assert "\r" not in stream.getvalue()
+
+
+class _TTY(io.StringIO):
+
+  def isatty(self) -> bool:
+    return True
+
+
+def test_progress_bar_tty_rewrites_one_line():
+  stream, clock = _TTY(), _FakeClock()
+  bar = ProgressBar(3600 * 4, stream=stream, clock=clock)
+  clock.now = 1.0
+  bar.update(2, {"loss": 1.0})
+  clock.now = 2.0
+  bar.update(3)
+  text = stream.getvalue()
+  assert "\n" not in text
+  first, second = text.split("\r")[1:]
+  assert first == "step 2/14400 (0.0%) | 2.00 steps/s | ETA 1:59:59 | loss 1"
+  # The shorter second line pads over the leftovers of the first.
+  assert second.rstrip() == "step 3/14400 (0.0%) | 1.00 steps/s | ETA 3:59:57"
+  assert len(second) == len(first)
+  bar.close()
+  assert stream.getvalue().endswith("\n")

@@ -1,0 +1,3 @@
+"""usss-jax: universal semi-supervised semantic segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,167 @@
+"""Seeded labeled/unlabeled splits of a training set, persisted as key lists.
+
+The reference took the first N paths of an unsorted `glob` (filesystem-order
+dependent, no seed). Here the labeled subset is a seeded permutation of the
+*key-sorted* examples, so it depends only on (keys, num_labeled, seed), and the
+chosen keys are written to the work directory so that resumed or repeated runs
+read back exactly the same lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+
+from usss_jax.data.base import DataError, Example
+
+
+@dataclasses.dataclass
+class Split:
+  """Labeled and unlabeled examples of one domain (both sorted by key)."""
+  labeled: list[Example]
+  unlabeled: list[Example]
+
+
+def _sorted_unique(examples: Sequence[Example]) -> list[Example]:
+  by_key = sorted(examples, key=lambda ex: ex.key)
+  for prev, cur in zip(by_key, by_key[1:]):
+    if prev.key == cur.key:
+      raise DataError(f"duplicate example key {cur.key!r} ({prev.image_path} and "
+                      f"{cur.image_path})")
+  return by_key
+
+
+def make_split(examples: Sequence[Example], num_labeled: int, seed: int, *,
+               unlabeled_includes_labeled: bool = False,
+               labeled_keys: Sequence[str] | None = None) -> Split:
+  """Chooses the labeled subset.
+
+  Args:
+    examples: the domain's training examples, in any order.
+    num_labeled: size of the labeled subset; <= 0 or >= len(examples) = all.
+    seed: permutation seed (ignored when `labeled_keys` is given).
+    unlabeled_includes_labeled: unlabeled = every example (the reference used
+      the full train split as unlabeled data) instead of the complement.
+    labeled_keys: explicit labeled keys; each must be an example key.
+  Returns:
+    Split with both lists sorted by key.
+  """
+  ordered = _sorted_unique(examples)
+  if labeled_keys is not None:
+    index = {ex.key: i for i, ex in enumerate(ordered)}
+    chosen = set()
+    for key in labeled_keys:
+      if key not in index:
+        raise DataError(f"labeled key {key!r} is not among the {len(ordered)} examples")
+      chosen.add(index[key])
+  elif num_labeled <= 0 or num_labeled >= len(ordered):
+    chosen = set(range(len(ordered)))
+  else:
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    chosen = set(perm[:num_labeled].tolist())
+  labeled = [ex for i, ex in enumerate(ordered) if i in chosen]
+  if unlabeled_includes_labeled:
+    unlabeled = list(ordered)
+  else:
+    unlabeled = [ex for i, ex in enumerate(ordered) if i not in chosen]
+  return Split(labeled=labeled, unlabeled=unlabeled)
+
+
+def _write_lines_atomic(path: str, lines: Sequence[str]) -> None:
+  directory = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".txt")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def split_paths(directory: str, domain: str) -> tuple[str, str]:
+  """(labeled list path, unlabeled list path) for `domain` in `directory`."""
+  return (os.path.join(directory, f"{domain}.labeled.txt"),
+          os.path.join(directory, f"{domain}.unlabeled.txt"))
+
+
+def write_split(split: Split, directory: str, domain: str) -> tuple[str, str]:
+  """Writes `<domain>.labeled.txt` and `<domain>.unlabeled.txt` (one key per line)."""
+  os.makedirs(directory, exist_ok=True)
+  lab_path, unl_path = split_paths(directory, domain)
+  _write_lines_atomic(lab_path, [ex.key for ex in split.labeled])
+  _write_lines_atomic(unl_path, [ex.key for ex in split.unlabeled])
+  return lab_path, unl_path
+
+
+def read_keys(path: str) -> list[str]:
+  """Keys of a split list file (blank lines skipped); DataError if unreadable."""
+  try:
+    with open(path) as f:
+      keys = [line.strip() for line in f]
+  except OSError as e:
+    raise DataError(f"{path}: cannot read split list ({e})") from e
+  keys = [k for k in keys if k]
+  if len(set(keys)) != len(keys):
+    raise DataError(f"{path}: split list contains duplicate keys")
+  return keys
+
+
+def _select(examples_by_key: dict[str, Example], keys: Sequence[str], path: str) -> list[Example]:
+  missing = [k for k in keys if k not in examples_by_key]
+  if missing:
+    raise DataError(f"{path}: {len(missing)} listed keys are not in the dataset, "
+                    f"e.g. {missing[:5]}")
+  return sorted((examples_by_key[k] for k in keys), key=lambda ex: ex.key)
+
+
+def load_or_make_split(examples: Sequence[Example], directory: str, domain: str,
+                       num_labeled: int, seed: int, *,
+                       unlabeled_includes_labeled: bool = False,
+                       labeled_keys: Sequence[str] | None = None) -> Split:
+  """Reads the split files of `domain` from `directory`, or makes and writes them.
+
+  Existing files win (so a resumed run cannot silently draw a different subset);
+  they are checked against the request: a different labeled count raises a
+  DataError naming the file.
+  """
+  lab_path, unl_path = split_paths(directory, domain)
+  have_lab, have_unl = os.path.exists(lab_path), os.path.exists(unl_path)
+  if have_lab != have_unl:
+    present = lab_path if have_lab else unl_path
+    raise DataError(f"{present}: found without its partner list "
+                    f"{unl_path if have_lab else lab_path}; delete it or restore both")
+  ordered = _sorted_unique(examples)
+  if not have_lab:
+    split = make_split(ordered, num_labeled, seed,
+                       unlabeled_includes_labeled=unlabeled_includes_labeled,
+                       labeled_keys=labeled_keys)
+    write_split(split, directory, domain)
+    return split
+  by_key = {ex.key: ex for ex in ordered}
+  lab_keys, unl_keys = read_keys(lab_path), read_keys(unl_path)
+  labeled = _select(by_key, lab_keys, lab_path)
+  unlabeled = _select(by_key, unl_keys, unl_path)
+  if labeled_keys is not None:
+    if sorted(labeled_keys) != sorted(lab_keys):
+      raise DataError(f"{lab_path}: existing labeled list differs from the requested "
+                      "labeled keys; use another work directory or delete the file")
+  else:
+    expected = len(ordered) if num_labeled <= 0 or num_labeled >= len(ordered) else num_labeled
+    if len(lab_keys) != expected:
+      raise DataError(f"{lab_path}: holds {len(lab_keys)} labeled keys but num_labeled="
+                      f"{num_labeled} asks for {expected}; use another work directory "
+                      "or delete the split files")
+  overlap = set(lab_keys) & set(unl_keys)
+  if unlabeled_includes_labeled and len(overlap) != len(lab_keys):
+    raise DataError(f"{unl_path}: existing unlabeled list excludes labeled keys but "
+                    "unlabeled_includes_labeled=True was requested")
+  if not unlabeled_includes_labeled and overlap:
+    raise DataError(f"{unl_path}: existing unlabeled list includes labeled keys but "
+                    "unlabeled_includes_labeled=False was requested")
+  return Split(labeled=labeled, unlabeled=unlabeled)

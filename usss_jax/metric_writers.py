@@ -1,0 +1,302 @@
+"""TensorFlow-free training logs: JSON lines, TensorBoard events, console progress.
+
+clu.metric_writers imports TensorFlow and tensorboard at import time, so event
+files are written with tensorboardX instead.
+
+Files in `workdir`:
+  metrics.jsonl   one JSON object per write ({"step", "kind": "train"|"eval"|
+                  "hparams", ...}), appended and flushed line by line so a killed
+                  run keeps everything it logged. Strict JSON: NaN/Inf become null.
+  tensorboard/    tensorboardX event files (scalars, images, hparams).
+
+Multi-host: construct with `enabled=jax.process_index() == 0`; a disabled
+writer creates no files and ignores every call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import numpy as np
+
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A logged loss/metric became NaN or Inf."""
+
+  def __init__(self, step: int, name: str, value: float):
+    self.step, self.name, self.value = step, name, value
+    super().__init__(f"non-finite {name}={value} at step {step}")
+
+
+def _to_number(value: Any, name: str) -> int | float | bool:
+  """Python int/float/bool from a Python, NumPy or JAX scalar (or size-1 array)."""
+  if isinstance(value, (bool, int, float)):
+    return value
+  array = np.asarray(value)
+  if array.size != 1 or not (np.issubdtype(array.dtype, np.number)
+                             or array.dtype == np.bool_):
+    raise ValueError(f"metric {name!r}: expected a number, got {type(value).__name__} "
+                     f"with shape {array.shape} and dtype {array.dtype}")
+  return array.reshape(()).item()
+
+
+def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
+  """Raises NonFiniteLossError for the first NaN/Inf value in `metrics`."""
+  for name, value in metrics.items():
+    number = float(_to_number(value, name))
+    if not math.isfinite(number):
+      raise NonFiniteLossError(int(step), name, number)
+
+
+def _to_plain(value: Any, name: str) -> Any:
+  """Nested Python/NumPy/JAX values -> plain JSON types (non-finite floats -> None)."""
+  if isinstance(value, Mapping):
+    return {str(k): _to_plain(v, f"{name}/{k}") for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_plain(v, f"{name}/{i}") for i, v in enumerate(value)]
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (bool, int, float)):
+    number = value
+  else:
+    array = np.asarray(value)
+    if array.ndim > 0 or array.dtype.kind in "USO":
+      return _to_plain(array.tolist(), name)
+    number = _to_number(array, name)
+  if isinstance(number, float) and not math.isfinite(number):
+    return None
+  return number
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a/b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _is_scalar_number(value: Any) -> bool:
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, (int, float)):
+    return True
+  if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+    array = np.asarray(value)
+    return array.ndim == 0 and np.issubdtype(array.dtype, np.number)
+  return False
+
+
+class MetricWriter:
+  """Writes train/eval scalars, images and hparams to metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    """
+    Args:
+      workdir: run directory (created if missing).
+      enabled: False on non-zero processes: no files, every call is a no-op.
+      tensorboard: also write event files under <workdir>/tensorboard.
+    """
+    self.workdir = workdir
+    self.enabled = enabled
+    self._jsonl: TextIO | None = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, METRICS_FILENAME), "a", encoding="utf-8")
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(
+          logdir=os.path.join(workdir, TENSORBOARD_SUBDIR), flush_secs=30)
+
+  def _write_line(self, record: Mapping[str, Any]) -> None:
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+    self._jsonl.flush()
+
+  @staticmethod
+  def _check_reserved(values: Mapping[str, Any]) -> None:
+    clash = {"step", "kind"} & set(values)
+    if clash:
+      raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILENAME}")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], *,
+                    kind: str = "train") -> None:
+    """One JSON line {"step", "kind", **scalars} plus one TensorBoard scalar each."""
+    if not self.enabled:
+      return
+    self._check_reserved(scalars)
+    numbers = {name: _to_number(value, name) for name, value in scalars.items()}
+    step = int(step)
+    self._write_line({"step": step, "kind": kind,
+                      **{name: _to_plain(v, name) for name, v in numbers.items()}})
+    if self._tb is not None:
+      for name, value in numbers.items():
+        self._tb.add_scalar(name, float(value), step)
+
+  def write_eval(self, step: int, results: Mapping[str, Any]) -> None:
+    """JSON line {"step", "kind": "eval", **results} (nested, arrays as lists).
+
+    TensorBoard gets every scalar number, nested dict keys joined with "/"
+    (e.g. "cityscapes/mean_miou"); lists such as per-class IoU go to JSON only.
+    """
+    if not self.enabled:
+      return
+    self._check_reserved(results)
+    step = int(step)
+    self._write_line({"step": step, "kind": "eval", **_to_plain(dict(results), "results")})
+    if self._tb is not None:
+      for name, value in _flatten(results).items():
+        if _is_scalar_number(value):
+          self._tb.add_scalar(name, float(np.asarray(value)), step)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """TensorBoard images: uint8 [H, W, 3] under `name`, [N, H, W, 3] under `name/i`."""
+    if not self.enabled or self._tb is None:
+      return
+    for name, image in images.items():
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] != 3:
+        raise ValueError(f"image {name!r}: expected uint8 [H, W, 3] or [N, H, W, 3], "
+                         f"got {image.dtype} {image.shape}")
+      if image.ndim == 3:
+        self._tb.add_image(name, image, int(step), dataformats="HWC")
+      else:
+        for i, single in enumerate(image):
+          self._tb.add_image(f"{name}/{i}", single, int(step), dataformats="HWC")
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Flattened config ("optim/base_lr": 0.01) as a JSON line and TensorBoard hparams.
+
+    Values other than bool/int/float/str (lists, None, ...) are written as strings.
+    """
+    if not self.enabled:
+      return
+    flat = {}
+    for name, value in _flatten(hparams).items():
+      if isinstance(value, (bool, int, float, str)):
+        flat[name] = value
+      elif isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+        flat[name] = np.asarray(value).item()
+      else:
+        flat[name] = str(value)
+    self._write_line({"kind": "hparams",
+                      "hparams": {k: _to_plain(v, k) for k, v in flat.items()}})
+    if self._tb is not None:
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+      # Written into the run's own event file (SummaryWriter.add_hparams would
+      # open a new sub-run directory).
+      for proto in summary.hparams(flat, {}):
+        file_writer.add_summary(proto)
+
+  def flush(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self.enabled = False
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressBar:
+  """Console progress: step, %, steps/s, ETA and a few metrics.
+
+  On a TTY one line is rewritten in place (\\r) at most every 0.2 s; otherwise
+  (log files, CI) a plain line is printed every `every_seconds`. Speed is
+  measured since the previous report so the first step's compilation does not
+  drag the ETA down for the whole run.
+  """
+
+  _TTY_INTERVAL_SECONDS = 0.2
+
+  def __init__(self, total_steps: int, initial_step: int = 0, *,
+               every_seconds: float = 5.0, stream: TextIO | None = None,
+               clock: Callable[[], float] = time.monotonic):
+    """
+    Args:
+      total_steps: step count at which training ends.
+      initial_step: step training starts (or resumes) from.
+      every_seconds: interval between plain lines when `stream` is not a TTY.
+      stream: where to write; sys.stderr by default.
+      clock: seconds source (injectable for tests).
+    """
+    self.total_steps = total_steps
+    self.stream = stream if stream is not None else sys.stderr
+    self._clock = clock
+    isatty = getattr(self.stream, "isatty", None)
+    self._tty = bool(isatty()) if callable(isatty) else False
+    self._interval = self._TTY_INTERVAL_SECONDS if self._tty else every_seconds
+    self._last_time = clock()
+    self._last_step = initial_step
+    self._last_line_len = 0
+
+  def _line(self, step: int, rate: float, metrics: Mapping[str, Any] | None) -> str:
+    eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
+    parts = [f"step {step}/{self.total_steps} ({percent:.1f}%)",
+             f"{rate:.2f} steps/s", f"ETA {_format_duration(eta)}"]
+    if metrics:
+      parts.append(" ".join(f"{name} {float(_to_number(value, name)):.4g}"
+                            for name, value in metrics.items()))
+    return " | ".join(parts)
+
+  def _emit(self, line: str) -> None:
+    if self._tty:
+      padding = " " * max(0, self._last_line_len - len(line))
+      self.stream.write("\r" + line + padding)
+      self._last_line_len = len(line)
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+    """Reports `step` if the reporting interval has passed (always at the last step)."""
+    now = self._clock()
+    elapsed = now - self._last_time
+    if elapsed < self._interval and step < self.total_steps:
+      return
+    rate = (step - self._last_step) / elapsed if elapsed > 0 else 0.0
+    self._emit(self._line(step, rate, metrics))
+    self._last_time, self._last_step = now, step
+
+  def close(self) -> None:
+    """Ends the in-place line on a TTY."""
+    if self._tty and self._last_line_len:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._last_line_len = 0

@@ -1,0 +1,1 @@
+"""Encoder, heads and entropy module (Flax Linen, NHWC)."""
