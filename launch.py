@@ -56,6 +56,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and absl log every checkpoint step at INFO; keep the console for progress.
+    logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed(_DISTRIBUTED.value)
   config = _CONFIG.value
   workdir = _WORKDIR.value

@@ -17,6 +17,13 @@ STAGES = [f"layer{k}" for k in range(9)]
 TINY_CHANNELS = (4, 8, 12, 16, 20, 24, 28, 32)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_precision():
+  """Parity needs true float32 convs/matmuls (GPUs would otherwise use TF32); no-op on CPU."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def rel_err(got, ref) -> float:
   got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
   return float(np.abs(got - ref).max() / np.abs(ref).max())

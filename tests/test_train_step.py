@@ -54,7 +54,7 @@ def build(config, seed=0):
   spec = train.loss_spec_from_config(config)
   rng = np.random.default_rng(42)
   embs = [rng.normal(size=(c, config.embedding_dim)).astype(np.float32) for c in CLASSES]
-  state = train.init_state(model, tx, jax.random.PRNGKey(seed), HW, embs)
+  state = train.init_state(model, tx, train.init_rng(seed), HW, embs)
   step = train.make_train_step(model, tx, spec, NAMES)
   return model, state, step
 

@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usss_jax.models.layers import BilinearUpsample, bilinear_upsample_kernel
+from usss_jax.models.layers import (BilinearUpsample, bilinear_upsample_kernel,
+                                    bilinear_upsample_matrix, transposed_conv_upsample)
 from usss_jax.models.universal import UniversalSegmenter
 
 TINY_CHANNELS = (4, 8, 12, 16, 20, 24, 28, 32)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_precision():
+  """Parity needs true float32 convs/matmuls (GPUs would otherwise use TF32); no-op on CPU."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 def rel_err(got, ref) -> float:
@@ -42,6 +50,22 @@ def test_transposed_upsampler_matches_reference(upsample_fixture):
     y64 = up.apply({}, upsample_fixture["x_nhwc"].astype(np.float64))
     assert y64.dtype == jnp.float64
     assert rel_err(y64, upsample_fixture["y_f64"].transpose(0, 2, 3, 1)) <= 1e-12
+
+
+def test_matmul_form_equals_the_literal_transposed_convolution(upsample_fixture):
+  x = upsample_fixture["x_nhwc"]
+  conv = transposed_conv_upsample(x, 8)
+  assert rel_err(conv, upsample_fixture["y_nhwc"]) <= 1e-6
+  module = BilinearUpsample(mode="transposed")
+  np.testing.assert_allclose(module.apply({}, x), conv, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(module.apply({}, x, out_size=(50, 67)), conv[:, :50, :67],
+                             rtol=0, atol=1e-6)
+  # Rows of the 1-D operator: interior rows sum to 1 (interpolation), edge rows are attenuated.
+  matrix = bilinear_upsample_matrix(7, 8)
+  np.testing.assert_array_equal(matrix.sum(1)[:5], [0.5625, 0.6875, 0.8125, 0.9375, 1.0])
+  np.testing.assert_array_equal(matrix.sum(1)[4:-4], 1.0)
+  with pytest.raises(ValueError, match="even factor"):
+    bilinear_upsample_matrix(7, 3)
 
 
 def test_resize_mode_is_plain_bilinear_and_differs_only_at_the_border(upsample_fixture):

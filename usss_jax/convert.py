@@ -168,12 +168,9 @@ def drn_variables_from_torch(state_dict: Mapping[str, Any], model: drn_lib.DRN, 
       misshaped.append(f"{raw_names[key]}: expected {list(layout[key][1])}, got "
                        f"{list(np.shape(value))}")
   if missing or unexpected or misshaped or duplicates:
-    problems = [f"state dict does not fit {_describe(model)}:"]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("mis-shaped keys", misshaped), ("duplicate keys", duplicates)):
-      if items:
-        problems.append(f"  {len(items)} {title}: " + ", ".join(items))
-    raise ValueError("\n".join(problems))
+    raise ValueError(_report(f"state dict does not fit {_describe(model)}", [
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped), ("duplicate keys", duplicates)]))
 
   flat = {}
   for key, (path, _, _) in layout.items():
@@ -218,12 +215,8 @@ def drn_variables_to_torch(variables: Mapping[str, Any], model: drn_lib.DRN) -> 
         misshaped.append(f"{'/'.join(path)}: expected {list(expected)}, got "
                          f"{list(np.shape(value))}")
   if missing or unexpected or misshaped:
-    problems = [f"variables do not fit {_describe(model)}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", misshaped)):
-      if items:
-        problems.append(f"  {len(items)} {title}: " + ", ".join(items))
-    raise ValueError("\n".join(problems))
+    raise ValueError(_report(f"variables do not fit {_describe(model)}", [
+        ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)]))
 
   state_dict = {}
   for key, (path, _, _) in layout.items():
@@ -242,6 +235,17 @@ def _flax_shape(flax_leaf: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]
     o, i, h, w = torch_shape
     return (h, w, i, o)
   return tuple(torch_shape)
+
+
+def _report(header: str, groups: Sequence[tuple[str, Sequence[str]]],
+            max_items: int = 20) -> str:
+  """Multi-line error text: a count per problem kind, then up to `max_items` entries each."""
+  lines = [header + ":"]
+  for title, items in groups:
+    if items:
+      lines.append(f"  {len(items)} {title}: " + ", ".join(items[:max_items])
+                   + (f", ... ({len(items) - max_items} more)" if len(items) > max_items else ""))
+  return "\n".join(lines)
 
 
 def _describe(model: drn_lib.DRN) -> str:

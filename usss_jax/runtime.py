@@ -54,7 +54,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, which: str = 
   init_fn = functools.partial(train_lib.init_state, model, tx,
                               input_hw=tuple(domains[0].config.crop),
                               label_embeddings=tuple(embs))
-  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(init_fn, train_lib.init_rng(0))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           shapes)
   ckpt_dir = os.path.join(workdir, "checkpoints")

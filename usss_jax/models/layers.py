@@ -2,8 +2,8 @@
 
 * `BatchNorm`: BatchNorm with PyTorch semantics, so that ImageNet DRN checkpoints and the reference
   training dynamics carry over (Flax's `nn.BatchNorm` stores the *biased* batch variance).
-* `BilinearUpsample`: the reference's frozen depthwise bilinear ConvTranspose2d (x8), or a plain
-  bilinear resize.
+* `BilinearUpsample`: the reference's frozen depthwise bilinear ConvTranspose2d (x8, computed as
+  two small matmuls), or a plain bilinear resize.
 """
 
 import math
@@ -82,6 +82,14 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+def _bilinear_taps(factor: int) -> np.ndarray:
+  """1-D taps of `bilinear_upsample_kernel`: [2 * factor]."""
+  size = 2 * factor
+  f = math.ceil(size / 2)
+  center = (2 * f - 1 - f % 2) / (2.0 * f)
+  return 1.0 - np.abs(np.arange(size) / f - center)
+
+
 def bilinear_upsample_kernel(factor: int) -> np.ndarray:
   """The reference `fill_up_weights` kernel for upsampling by `factor`.
 
@@ -92,11 +100,55 @@ def bilinear_upsample_kernel(factor: int) -> np.ndarray:
   """
   if factor < 1:
     raise ValueError(f"upsampling factor must be >= 1, got {factor}")
-  size = 2 * factor
-  f = math.ceil(size / 2)
-  center = (2 * f - 1 - f % 2) / (2.0 * f)
-  taps = 1.0 - np.abs(np.arange(size) / f - center)
+  taps = _bilinear_taps(factor)
   return np.outer(taps, taps)
+
+
+def bilinear_upsample_matrix(n: int, factor: int, out_len: int | None = None) -> np.ndarray:
+  """1-D form of the reference transposed conv (kernel 2f, stride f, padding f/2) as a matrix.
+
+  Input pixel i stamps the taps at outputs f*i - f/2 ... f*i + 3f/2 - 1; outputs outside
+  [0, f*n) are dropped, which is what attenuates the border.
+
+  Returns:
+    [out_len or f*n, n] float64 with `y = A @ x` along one axis (rows past out_len cropped).
+  """
+  if factor < 2 or factor % 2:
+    raise ValueError(f"transposed bilinear upsampling needs an even factor >= 2, got {factor}")
+  taps = _bilinear_taps(factor)
+  matrix = np.zeros((factor * n, n))
+  for i in range(n):
+    start = factor * i - factor // 2
+    for t, tap in enumerate(taps):
+      if 0 <= start + t < factor * n:
+        matrix[start + t, i] = tap
+  return matrix[:out_len] if out_len is not None else matrix
+
+
+def transposed_conv_upsample(x: jax.Array, factor: int = 8) -> jax.Array:
+  """The reference upsampler written literally as an input-dilated depthwise convolution.
+
+  Kept as an independent formulation for tests; `BilinearUpsample` computes the same linear map
+  with two small matmuls instead, which on an H100 is 40-200x faster (this lhs-dilated
+  16x16 depthwise conv took 25 ms for [8, 64, 128, 20] and 550 ms for 128 channels, float32).
+
+  Args:
+    x: [B, h, w, C].
+
+  Returns:
+    [B, f*h, f*w, C].
+  """
+  channels = x.shape[-1]
+  kernel = bilinear_upsample_kernel(factor)
+  # HWIO depthwise kernel: I = 1 per group, O = C groups. The kernel is symmetric, so the
+  # spatial flip that turns a transposed conv into a dilated conv is a no-op.
+  rhs = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[:, :, None, None],
+                         (2 * factor, 2 * factor, 1, channels))
+  pad = 2 * factor - 1 - factor // 2
+  return lax.conv_general_dilated(
+      x, rhs, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+      lhs_dilation=(factor, factor), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels)
 
 
 class BilinearUpsample(nn.Module):
@@ -106,7 +158,11 @@ class BilinearUpsample(nn.Module):
   padding=f/2, groups=C, bias=False)` with bilinear weights: in the interior it is bilinear
   interpolation with half-pixel centres, but the outer f/2 output rows/columns are attenuated
   (the transposed conv sees zeros beyond the border; a constant 1 becomes 0.5625 at the edge for
-  f=8). Written as an input-dilated convolution: lhs_dilation=f, padding 2f-1-f/2 per side.
+  f=8). The kernel is separable, so the operator is `A_h X A_w^T` with constant [f*h, h] and
+  [f*w, w] matrices (`bilinear_upsample_matrix`); two einsums compute it far faster on GPU than
+  the equivalent input-dilated convolution (`transposed_conv_upsample`), and the crop to
+  `out_size` is folded into the matrices. Float32 inputs use full-precision matmuls (no TF32),
+  so the result matches the reference to float32 rounding on GPUs too.
 
   mode="resize" is `jax.image.resize(..., "bilinear")` to f x the size (edge clamping, no
   attenuation).
@@ -135,28 +191,20 @@ class BilinearUpsample(nn.Module):
     """
     f = self.factor
     _, h, w, channels = x.shape
+    out_h, out_w = out_size if out_size is not None else (f * h, f * w)
+    if not (0 < out_h <= f * h and 0 < out_w <= f * w):
+      raise ValueError(
+          f"out_size {out_size} must lie within the x{f} upsampled size {(f * h, f * w)}")
     if self.mode == "transposed":
-      if f % 2:
-        raise ValueError(f"transposed bilinear upsampling needs an even factor, got {f}")
-      kernel = bilinear_upsample_kernel(f).astype(np.float32)
-      # HWIO depthwise kernel: I = 1 per group, O = C groups. The kernel is symmetric, so the
-      # spatial flip that turns a transposed conv into a dilated conv is a no-op.
-      rhs = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[:, :, None, None], (2 * f, 2 * f, 1,
-                                                                              channels))
-      pad = 2 * f - 1 - f // 2
-      y = lax.conv_general_dilated(
-          x, rhs, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-          lhs_dilation=(f, f), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          feature_group_count=channels)
-    elif self.mode == "resize":
+      rows = jnp.asarray(bilinear_upsample_matrix(h, f, out_h), x.dtype)
+      cols = jnp.asarray(bilinear_upsample_matrix(w, f, out_w), x.dtype)
+      # Entries are multiples of 1/(2f), exact in bf16 too; only float32+ needs HIGHEST to
+      # avoid TF32 rounding on GPUs.
+      precision = (lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits >= 32
+                   else lax.Precision.DEFAULT)
+      y = jnp.einsum("oh,bhwc->bowc", rows, x, precision=precision)
+      return jnp.einsum("pw,bowc->bopc", cols, y, precision=precision)
+    if self.mode == "resize":
       y = jax.image.resize(x, (x.shape[0], f * h, f * w, channels), method="bilinear")
-    else:
-      raise ValueError(f"unknown upsampling mode {self.mode!r}; use 'transposed' or 'resize'")
-
-    if out_size is not None:
-      out_h, out_w = out_size
-      if not (0 < out_h <= f * h and 0 < out_w <= f * w):
-        raise ValueError(
-            f"out_size {out_size} must lie within the x{f} upsampled size {(f * h, f * w)}")
-      y = y[:, :out_h, :out_w, :]
-    return y
+      return y[:, :out_h, :out_w, :]
+    raise ValueError(f"unknown upsampling mode {self.mode!r}; use 'transposed' or 'resize'")

@@ -1,0 +1,239 @@
+"""Universal training step: seconds/step, images/s, FLOPs and memory.
+
+  .venv/bin/python benchmarks/train_step.py [--embedding-dim 100] [--json]
+  .venv/bin/python benchmarks/train_step.py --tiny          # seconds-long smoke run
+
+The step is the project's own (`train.make_train_step` + `train.jit_train_step`
+on `pipeline.make_mesh()`), built from `configs.common.base_config()`: method
+"full" with alpha = beta = 1, DRN-D-22, two domains (19 and 26 classes), per
+domain 2 labeled + 2 unlabeled 256x512 images, random label embeddings. Inputs
+are random and placed on the devices (batch-sharded) before timing, so this is
+the step alone, without the input pipeline.
+
+The reference PyTorch step of ../shared/notes/usss_reference.md §9 has this
+shape with embedding_dim 100 (and 20/27 classes: its heads carry an extra void
+channel) and ran at a median 4.47 s/step on the 2-core development VM; pass
+`--embedding-dim 100` to compare. Not a test; the numbers depend on the machine
+and on what else runs on it (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from configs import common as config_common  # noqa: E402
+from usss_jax import embedding_stage, train  # noqa: E402
+from usss_jax.data import pipeline  # noqa: E402
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(",") if v)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--encoder", default="drn_d_22")
+  parser.add_argument("--encoder-channels", type=_int_list, default=(),
+                      help="8 comma-separated widths (default: the encoder's own)")
+  parser.add_argument("--height", type=int, default=256)
+  parser.add_argument("--width", type=int, default=512)
+  parser.add_argument("--labeled", type=int, default=2, help="labeled images per domain")
+  parser.add_argument("--unlabeled", type=int, default=2, help="unlabeled images per domain")
+  parser.add_argument("--method", default="full", choices=train.METHODS)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+  parser.add_argument("--classes", type=_int_list, default=(19, 26),
+                      help="classes per domain, e.g. 19,26")
+  parser.add_argument("--embedding-dim", type=int, default=128)
+  parser.add_argument("--devices", type=int, default=None,
+                      help="mesh size (default: all devices)")
+  parser.add_argument("--matmul-size", type=int, default=None,
+                      help="n of the n x n matmul peak probe (default 2048 on CPU, 8192 else)")
+  parser.add_argument("--tiny", action="store_true",
+                      help="smoke preset: tiny widths, 32x64 images, 1 warm-up, 2 steps")
+  common.add_output_flags(parser)
+  args = parser.parse_args(argv)
+  if args.tiny:
+    args.encoder_channels = args.encoder_channels or common.TINY_CHANNELS
+    args.height, args.width = 32, 64
+    args.steps, args.warmup = 2, 1
+    args.embedding_dim = min(args.embedding_dim, 16)
+    args.matmul_size = args.matmul_size or 256
+  return args
+
+
+def make_config(args):
+  config = config_common.base_config()
+  config.method = args.method
+  config.alpha = config.beta = 1.0
+  names = tuple(f"domain{i}" for i in range(len(args.classes)))
+  config.domain_names = names
+  for name in names:
+    config.domains[name] = config_common.domain("folder", "/nonexistent",
+                                                crop=(args.height, args.width))
+  config.encoder = args.encoder
+  config.encoder_channels = tuple(args.encoder_channels)
+  config.embedding_dim = args.embedding_dim
+  config.dtype = args.dtype
+  config.labeled_batch = args.labeled
+  config.unlabeled_batch = args.unlabeled
+  config.label_embeddings.source = "random"
+  return config
+
+
+def random_batch(args, names, spec, sharding, seed: int = 0) -> dict:
+  """{name: {"labeled": {"image", "label"}, "unlabeled": {"image"}}} on the devices."""
+  rng = np.random.default_rng(seed)
+  hw = (args.height, args.width)
+  batch = {}
+  for name, classes in zip(names, args.classes):
+    labeled = {"image": rng.standard_normal((args.labeled, *hw, 3), np.float32),
+               "label": rng.integers(0, classes, (args.labeled, *hw), dtype=np.int32)}
+    batch[name] = {"labeled": labeled}
+    if spec.uses_unlabeled and args.unlabeled > 0:
+      batch[name]["unlabeled"] = {
+          "image": rng.standard_normal((args.unlabeled, *hw, 3), np.float32)}
+  return jax.device_put(batch, sharding)
+
+
+def run(args) -> dict:
+  info = common.machine_info()
+  config = make_config(args)
+  train.validate_config(config)
+  names = tuple(config.domain_names)
+  spec = train.loss_spec_from_config(config)
+  model = train.make_model(config, args.classes)
+  tx, _ = train.make_optimizer(config)
+  mesh = pipeline.make_mesh(args.devices)
+  replicated = NamedSharding(mesh, P())
+
+  label_embeddings = tuple(
+      embedding_stage.random_embeddings(c, int(config.embeddings_per_class), args.embedding_dim,
+                                        config.seed + i) for i, c in enumerate(args.classes))
+  start = time.perf_counter()
+  init_fn = functools.partial(train.init_state, model, tx, input_hw=(args.height, args.width),
+                              label_embeddings=label_embeddings)
+  state = jax.block_until_ready(
+      jax.jit(init_fn, out_shardings=replicated)(jax.random.PRNGKey(config.seed)))
+  init_s = time.perf_counter() - start
+  num_params = common.tree_nbytes(state["params"]) // 4
+  batch = random_batch(args, names, spec, NamedSharding(mesh, P("data")))
+  jax.block_until_ready(batch)
+
+  jitted = train.jit_train_step(train.make_train_step(model, tx, spec, names), mesh)
+  start = time.perf_counter()
+  lowered = jitted.lower(state, batch)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  flops = common.flops_of(compiled)
+
+  # The compiled executable donates its state argument: thread the state through.
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return holder["state"], metrics
+
+  first_start = time.perf_counter()
+  jax.block_until_ready(step())
+  first_step_s = time.perf_counter() - first_start
+  timing = common.time_calls(step, warmup=max(args.warmup - 1, 0), steps=args.steps)
+  loss = float(jax.device_get(step()[1]["loss"]))
+  device_mem = common.device_memory()
+  host_peak = common.peak_host_rss_bytes()
+
+  peak = common.matmul_gflops(args.matmul_size, jnp.dtype(args.dtype))
+  images = len(names) * (args.labeled + (args.unlabeled if spec.uses_unlabeled else 0))
+  seconds = timing["median_s"]
+  achieved = flops / seconds / 1e9 if flops else None
+  return {
+      "benchmark": "train_step",
+      "machine": info,
+      "load_average_end": common.load_average(),
+      "setup": {
+          "encoder": args.encoder, "encoder_channels": list(args.encoder_channels) or None,
+          "method": args.method, "alpha": spec.alpha, "beta": spec.beta,
+          "classes": list(args.classes), "embedding_dim": args.embedding_dim,
+          "height": args.height, "width": args.width, "labeled_per_domain": args.labeled,
+          "unlabeled_per_domain": args.unlabeled if spec.uses_unlabeled else 0,
+          "dtype": args.dtype, "mesh_devices": mesh.devices.size, "params": int(num_params),
+          "warmup": args.warmup, "steps": args.steps,
+      },
+      "seconds_per_step": seconds,
+      "seconds_min": timing["min_s"],
+      "seconds_max": timing["max_s"],
+      "times_s": timing["times_s"],
+      "images_per_step": images,
+      "images_per_s": images / seconds,
+      "flops_per_step": flops,
+      "achieved_gflops": achieved,
+      "matmul_peak": peak,
+      "fraction_of_matmul_peak": achieved / peak["gflops"] if achieved else None,
+      "busy_cores": timing["busy_cores"],
+      "init_s": init_s,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "first_step_s": first_step_s,
+      "warmup_s": timing["warmup_s"],
+      "final_loss": loss,
+      "host_peak_rss_bytes": host_peak,
+      "device_peak_bytes": device_mem["peak_bytes"] if device_mem else None,
+  }
+
+
+def table(r: dict) -> str:
+  s, m = r["setup"], r["matmul_peak"]
+  widths = f" widths {s['encoder_channels']}" if s["encoder_channels"] else ""
+  title = (f"train step: {s['encoder']}{widths}, method {s['method']} (alpha={s['alpha']:g}, "
+           f"beta={s['beta']:g}), domains {s['classes']} classes, per domain "
+           f"{s['labeled_per_domain']}+{s['unlabeled_per_domain']} images "
+           f"{s['height']}x{s['width']}, D={s['embedding_dim']}, {s['dtype']}, "
+           f"{s['mesh_devices']}-device mesh, {s['params']:,} params")
+  times = ", ".join(f"{t:.3f}" for t in r["times_s"])
+  pairs = [
+      ("seconds/step (median)", r["seconds_per_step"]),
+      ("  min / max", f"{r['seconds_min']:.3f} / {r['seconds_max']:.3f}"),
+      (f"  timed steps ({s['steps']}, after {s['warmup']} warm-ups)", times),
+      ("images/s (labeled+unlabeled)", r["images_per_s"]),
+      ("GFLOP/step (XLA cost analysis)",
+       r["flops_per_step"] / 1e9 if r["flops_per_step"] else None),
+      ("achieved GFLOP/s", r["achieved_gflops"]),
+      (f"matmul GFLOP/s ({m['dtype']} {m['n']}^2 @ {m['n']}^2)", m["gflops"]),
+      ("achieved / matmul", r["fraction_of_matmul_peak"]),
+      ("busy cores (CPU s / wall s)", r["busy_cores"]),
+      ("init s (jit init_state)", r["init_s"]),
+      ("lower s / compile s", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
+      ("first step s", r["first_step_s"]),
+      ("peak host RSS MiB", common.mib(r["host_peak_rss_bytes"])),
+      ("peak device MiB", common.mib(r["device_peak_bytes"])),
+      ("loss after the timed steps", r["final_loss"]),
+      ("load average start / end", f"{r['machine']['load_average']} / {r['load_average_end']}"),
+  ]
+  return (common.header(title, r["machine"]) + "\n" + common.format_pairs(pairs))
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  result = run(args)
+  common.emit(result, table(result), args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,251 @@
+"""The training program end to end on the demo data: resume, eval/predict modes, errors, logs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from usss_jax import checkpoint as ckpt_lib
+from usss_jax import embedding_stage, embeddings as emb_lib, train
+from usss_jax.data import demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = (4, 8, 12, 16, 20, 24, 28, 32)
+
+
+def tiny_demo_config(data_root: str, **overrides):
+  """A few-second universal run on (a small copy of) the demo data."""
+  c = common.base_config()
+  c.domain_names = ("street", "indoor")
+  for name in c.domain_names:
+    c.domains[name] = common.domain("folder", os.path.join(data_root, name), crop=(32, 48),
+                                    generate_demo=True)
+  c.method = "full"
+  c.num_labeled = 4
+  c.encoder_channels = TINY
+  c.embedding_dim = 8
+  c.learning_rate = 0.05
+  c.labeled_batch = 8
+  c.unlabeled_batch = 8
+  c.eval_batch = 8
+  c.total_steps = 8
+  c.checkpoint_every = 2
+  c.eval_every = 8
+  c.log_every = 1
+  c.eval_max_examples = 8
+  c.label_embeddings.source = "random"
+  for k, v in overrides.items():
+    target = c
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("demo")
+  demo.ensure_demo_data(str(root))  # the defaults, as build_domains regenerates otherwise
+  return str(root)
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, (state["params"], state["batch_stats"], state["opt_state"]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run_a")
+  state, results, _, _ = train.run_training(tiny_demo_config(data_root), str(workdir))
+  return str(workdir), state, results
+
+
+def test_run_writes_checkpoints_logs_and_evaluates(uninterrupted):
+  workdir, state, results = uninterrupted
+  assert int(state["step"]) == 8
+  assert set(results) >= {"street", "indoor", "mean_miou"}
+  assert 0.0 <= results["street"]["miou"] <= 1.0
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_lines = [l for l in lines if l.get("kind") == "train"]
+  assert [l["step"] for l in train_lines] == list(range(1, 9))
+  assert all(np.isfinite(l["loss"]) for l in train_lines)
+  assert {"supervised/street", "within/indoor", "cross/street", "learning_rate"} <= set(train_lines[0])
+  evals = [l for l in lines if l.get("kind") == "eval"]
+  assert evals and "miou" in evals[-1]["street"] and "miou" in evals[-1]["indoor"]
+  events = list(pathlib.Path(workdir, "tensorboard").rglob("events.out.tfevents*"))
+  assert events and events[0].stat().st_size > 0
+  steps = sorted(int(p.name) for p in pathlib.Path(workdir, "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [6, 8]  # keep_checkpoints = 2
+  assert (pathlib.Path(workdir, "checkpoints", "best")).is_dir()
+  for name in ("street", "indoor"):
+    assert len(open(os.path.join(workdir, "splits", f"{name}.labeled.txt")).read().split()) == 4
+
+
+def test_same_config_and_seed_give_same_numbers(uninterrupted, data_root, tmp_path):
+  _, state_a, results_a = uninterrupted
+  state_b, results_b, _, _ = train.run_training(tiny_demo_config(data_root), str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, _params(state_a), _params(state_b))
+  assert results_a["mean_miou"] == results_b["mean_miou"]
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_loop import tiny_demo_config
+from usss_jax import train
+train.run_training(tiny_demo_config({data!r}), {workdir!r})
+"""
+
+
+def test_killed_run_resumes_to_identical_parameters(uninterrupted, data_root, tmp_path):
+  _, state_a, results_a = uninterrupted
+  workdir = tmp_path / "run_b"
+  code = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), data=data_root,
+                       workdir=str(workdir))
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  # Kill (SIGKILL: no clean-up at all) once step 5 is logged, i.e. mid-way after checkpoint 4.
+  while time.time() < deadline and child.poll() is None:
+    if metrics.exists() and any(json.loads(l).get("step", 0) >= 5 and json.loads(l).get("kind") ==
+                                "train" for l in metrics.read_text().splitlines() if l):
+      break
+    time.sleep(0.05)
+  assert child.poll() is None, child.stderr.read().decode()[-2000:]
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert done and max(done) < 8
+  state_b, results_b, _, _ = train.run_training(tiny_demo_config(data_root), str(workdir))
+  assert int(state_b["step"]) == 8
+  jax.tree.map(np.testing.assert_array_equal, _params(state_a), _params(state_b))
+  assert results_a["mean_miou"] == results_b["mean_miou"]
+
+
+def _launch(*args, timeout=240):
+  return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _demo_overrides(data_root):
+  return [f"--config.domains.street.root={data_root}/street",
+          f"--config.domains.indoor.root={data_root}/indoor",
+          f"--config.encoder_channels={TINY}", "--config.embedding_dim=8",
+          "--config.domains.street.crop=(32, 48)", "--config.domains.indoor.crop=(32, 48)",
+          "--config.num_labeled=4", "--config.eval_max_examples=8"]
+
+
+def test_launch_eval_and_predict_modes(uninterrupted, data_root, tmp_path):
+  workdir, _, results = uninterrupted
+  cfg = ["--config=configs/demo.py", f"--workdir={workdir}", *_demo_overrides(data_root),
+         "--config.labeled_batch=8", "--config.unlabeled_batch=8", "--config.eval_batch=8"]
+  out = _launch(*cfg, "--mode=eval", "--checkpoint=latest")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout)
+  assert got["step"] == 8
+  np.testing.assert_allclose(got["street"]["miou"], results["street"]["miou"], rtol=1e-6)
+  images = os.path.join(data_root, "indoor", "images", "val")
+  pred_dir = tmp_path / "pred"
+  out = _launch(*cfg, "--mode=predict", f"--input={images}", "--domain=indoor",
+                f"--output={pred_dir}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout)
+  assert got["images"] == 16 and got["domain"] == "indoor"
+  from PIL import Image
+  mask = np.asarray(Image.open(next(pred_dir.glob("*_mask.png"))))
+  assert mask.shape == (96, 128) and mask.max() < 5
+  assert len(list(pred_dir.glob("*_overlay.png"))) == 16
+
+
+def test_launch_rejects_config_typo_and_bad_values(tmp_path):
+  out = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.alhpa=2")
+  assert out.returncode != 0 and "alhpa" in out.stderr
+  out = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.method=fancy")
+  assert out.returncode != 0 and "config.method" in out.stderr
+
+
+def test_bad_checkpoint_directory_is_a_clear_error(data_root, tmp_path):
+  ckpt_dir = tmp_path / "checkpoints"
+  ckpt_dir.mkdir()
+  (ckpt_dir / "notes.txt").write_text("not a checkpoint")
+  with pytest.raises(ckpt_lib.CheckpointError, match=str(ckpt_dir)):
+    train.run_training(tiny_demo_config(data_root, total_steps=2), str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, data_root, tmp_path):
+  import shutil
+  workdir, _, _ = uninterrupted
+  shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(workdir, "splits"), tmp_path / "splits")
+  config = tiny_demo_config(data_root, embedding_dim=4)
+  with pytest.raises(ckpt_lib.CheckpointError, match="shape mismatch"):
+    train.run_training(config, str(tmp_path))
+
+
+def test_nan_loss_stops_with_the_step(data_root, tmp_path):
+  from usss_jax import metric_writers
+  config = tiny_demo_config(data_root, learning_rate=1e12, total_steps=6, checkpoint_every=6,
+                            log_every=6, method="basic")
+  with pytest.raises(metric_writers.NonFiniteLossError, match=r"step [1-6]\b"):
+    train.run_training(config, str(tmp_path))
+  # Nothing non-finite was checkpointed.
+  assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_embedding_stage_matches_numpy_pca_and_centroids(data_root, tmp_path):
+  config = tiny_demo_config(data_root)
+  domains = train.build_domains(config, str(tmp_path))
+  model = train.make_model(config, [d.num_classes for d in domains])
+  variables = model.init(train.init_rng(1), np.zeros((1, 32, 48, 3), np.float32), train=False)
+  dom = domains[0]
+  got = embedding_stage.compute_from_model(
+      model, variables, dom.reader, dom.labeled, domain=0, num_classes=dom.num_classes, k=1,
+      dim=6, resize_hw=(), normalization="imagenet", max_pixels_per_image=10**9, seed=0)
+  # NumPy float64 reference: every labeled cell-centre pixel, full PCA, class means.
+  feats, labels = [], []
+  for f, l in embedding_stage.feature_label_batches(
+      model, variables, dom.reader, dom.labeled, domain=0, resize_hw=(),
+      normalization="imagenet", max_pixels_per_image=10**9, seed=0):
+    feats.append(f)
+    labels.append(l)
+  x = np.concatenate(feats).astype(np.float64)
+  y = np.concatenate(labels)
+  mean = x.mean(0)
+  evals, evecs = np.linalg.eigh(np.cov(x, rowvar=False))
+  comps = evecs[:, ::-1][:, :6].T
+  z = (x - mean) @ comps.T
+  ref = np.stack([z[y == c].mean(0) for c in range(dom.num_classes)])
+  # Components are defined up to sign: align each with the stage's convention.
+  signs = np.sign(np.sum(got.pca_components * comps, axis=1))
+  np.testing.assert_allclose(got.embeddings, ref * signs, rtol=1e-4, atol=1e-4)
+  # Saved and reloaded exactly.
+  path = tmp_path / "e.npz"
+  got.save(str(path))
+  np.testing.assert_array_equal(emb_lib.LabelEmbeddings.load(str(path)).embeddings, got.embeddings)
+
+
+def test_pretrain_label_embedding_stage_runs_and_is_reused(data_root, tmp_path):
+  config = tiny_demo_config(data_root, total_steps=2, checkpoint_every=2, eval_every=2)
+  config.label_embeddings.source = "pretrain"
+  config.label_embeddings.pretrain_steps = 2
+  domains = train.build_domains(config, str(tmp_path))
+  embs = train.prepare_label_embeddings(config, str(tmp_path), domains)
+  assert [e.shape for e in embs] == [(5, 8), (5, 8)]
+  files = sorted(p.name for p in (tmp_path / "label_embeddings").glob("*.npz"))
+  assert files == ["indoor.npz", "street.npz"]
+  mtime = (tmp_path / "label_embeddings" / "street.npz").stat().st_mtime_ns
+  again = train.prepare_label_embeddings(config, str(tmp_path), domains)
+  np.testing.assert_array_equal(again[0], embs[0])
+  assert (tmp_path / "label_embeddings" / "street.npz").stat().st_mtime_ns == mtime
