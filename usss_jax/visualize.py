@@ -446,11 +446,18 @@ def prototype_agreement(model, variables, dom: train_lib.Domain, index: int,
                         forward=None) -> dict:
   """Prototype prediction vs the domain's own head on its evaluation split.
 
+  Args:
+    model, variables: the universal model and its {"params", "batch_stats"}.
+    dom: the domain (reader, evaluation examples, eval_resize); `index` its head.
+    label_embeddings: [C*K, D] the domain's label embeddings.
+    k, normalize_pixels: see `prototype_logits`.
+    normalization: input normalisation (as in training).
+    max_images: use the first `max_images` evaluation images (0 = all).
+    forward: a `make_forward(model, k, normalize_pixels)` to reuse (default: that).
   Returns:
-    {"num_images", "agreement": fraction of labelled pixels where both argmaxes
-    agree, "agreement_all_pixels", "head": {"miou", "pixel_accuracy", "iou"},
-    "prototypes": {same}} (mIoU with absent classes excluded).
-    `forward` may pass in a `make_forward(model, k, normalize_pixels)` to reuse.
+    {"domain", "num_images", "agreement": fraction of labelled pixels where both
+    argmaxes agree, "agreement_all_pixels", "head": {"miou", "pixel_accuracy",
+    "iou"}, "prototypes": {same}} (mIoU with absent classes excluded).
   """
   from usss_jax import metrics
   examples = dom.eval_examples[:max_images] if max_images > 0 else dom.eval_examples
@@ -835,10 +842,17 @@ def run_command(command: str, flag_values: flags.FlagValues = flags.FLAGS) -> di
               seed=fv.seed, max_images=fv.max_images)
 
 
+def _is_matrix(value) -> bool:
+  return isinstance(value, list) and bool(value) and isinstance(value[0], list)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f"expected one command ({' | '.join(COMMANDS)}), got {argv[1:]}")
-  print(json.dumps(run_command(argv[1]), indent=2, sort_keys=True, default=str))
+  result = run_command(argv[1])
+  # Matrices are in the written JSON; the terminal gets the summary.
+  print(json.dumps({k: v for k, v in result.items() if not _is_matrix(v)}, indent=2,
+                   sort_keys=True, default=str))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The ablation runner wires single-source runs, their label embeddings and the universal runs."""
+
+import json
+import os
+
+import numpy as np
+
+from usss_jax import ablation
+from usss_jax import embeddings as emb_lib
+
+from test_loop import tiny_demo_config, data_root  # noqa: F401  (fixture)
+
+
+def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
+  config = tiny_demo_config(data_root, total_steps=2, checkpoint_every=2, eval_every=2)
+  config.label_embeddings.source = "pretrain"
+  out = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
+  results = json.load(open(tmp_path / "results.json"))
+  assert results == out["results"]
+  assert set(results) == {"single", "full"}
+  for method in ("single", "full"):
+    assert set(results[method]["0"]) == {"street", "indoor"}
+    assert all(0 <= v <= 1 for v in results[method]["0"].values())
+  # full used the embeddings computed from the single-source encoders (copied, not recomputed).
+  for name in ("street", "indoor"):
+    shared = emb_lib.LabelEmbeddings.load(str(tmp_path / "seed0" / "label_embeddings" / f"{name}.npz"))
+    used = emb_lib.LabelEmbeddings.load(
+        str(tmp_path / "seed0" / "full" / "label_embeddings" / f"{name}.npz"))
+    np.testing.assert_array_equal(shared.embeddings, used.embeddings)
+    assert "single-source run" in shared.source
+  md = open(tmp_path / "results.md").read()
+  assert "| single |" in md and "| full |" in md and "per-class IoU" in md
+  # A second call finds every run finished and only rewrites the tables.
+  mtime = os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns
+  again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
+  assert again["results"] == out["results"]
+  assert os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns == mtime
