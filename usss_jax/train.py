@@ -454,6 +454,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, run_eval: b
   state = jax.jit(init_fn, out_shardings=replicated)(init_rng(config.seed))
   if config.pretrained:
     state = jax.device_put(load_pretrained_encoder(config, model, state), replicated)
+  if is_main and not log_prefix:
+    from clu import parameter_overview
+    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)

@@ -29,10 +29,17 @@ def get_reader(name: str, root: str, **kwargs) -> DatasetReader:
     ValueError: unknown name, or an option the reader does not take.
     DataError: `root` is missing or malformed.
   """
+  if name == "tfds":
+    # A dataset prepared by usss_jax.data.tfds_builders.prepare (array_record); root is the
+    # prepared dataset directory. Imported lazily: tensorflow_datasets is slow to import.
+    from usss_jax.data.tfds_builders import TfdsReader
+    cls = TfdsReader
+  else:
+    cls = None
   try:
-    cls = READERS[name]
+    cls = cls or READERS[name]
   except KeyError:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}"
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}, tfds"
                      ) from None
   params = inspect.signature(cls.__init__).parameters
   options = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
