@@ -57,22 +57,68 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, steps: int) -> dict:
           "busy_cores": cpu / wall if wall > 0 else float("nan")}
 
 
-def flops_of(compiled) -> float | None:
-  """FLOPs XLA counts for a compiled computation (None when the backend does not say).
+def flops_of(stage) -> float | None:
+  """FLOPs XLA's cost analysis counts for a `Lowered` or `Compiled` stage (None if unknown).
 
-  `cost_analysis()` returned a list with one dict per computation in older jax
-  versions and returns a dict in newer ones.
+  Use the `Lowered` count to compare backends: it analyses the HLO before any
+  backend pass. The `Compiled` count is of the optimised module, and on GPU it
+  leaves out convolutions and matmuls that became library (cuDNN/cuBLAS) calls,
+  so there it can be far too low. `cost_analysis()` returned a list with one dict
+  per computation in older jax versions and returns a dict in newer ones.
   """
   try:
-    cost = compiled.cost_analysis()
+    cost = stage.cost_analysis()
+  except NotImplementedError:
+    cost = None
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
+  if not cost and hasattr(stage, "compiler_ir"):
+    # Lowered.cost_analysis is not implemented for PJRT plugin backends (GPU):
+    # it raises (jax 0.12) or returns None (jax 0.11).
+    cost = _cpu_cost_analysis(stage)
   if not cost or "flops" not in cost:
     return None
   value = float(cost["flops"])
   return value if value > 0 else None
+
+
+def _cpu_cost_analysis(lowered) -> dict | None:
+  """XLA:CPU's HLO cost analysis of a lowered (unoptimised) module, or None.
+
+  Private jax API, so guarded: the HLO is the backend-independent module before
+  any compiler pass; only ops lowered to platform custom calls count as 0.
+  """
+  try:
+    from jax.extend import backend as jex_backend  # pylint: disable=g-import-not-at-top
+    try:
+      from jax._src.lib import _jax as xla_ext  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      from jax._src.lib import xla_extension as xla_ext  # pylint: disable=g-import-not-at-top
+    module = lowered.compiler_ir("hlo").as_hlo_module()
+    return xla_ext.hlo_module_cost_analysis(jex_backend.get_backend("cpu"), module)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def planned_memory_bytes(compiled) -> int | None:
+  """XLA's static memory plan of one call: arguments + outputs + temporaries - aliased.
+
+  Unlike the device's peak_bytes_in_use this excludes what compiling itself took
+  (GPU autotuning tries convolution algorithms with large scratch buffers).
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if stats is None:
+    return None
+  try:
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
+               stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  except AttributeError:
+    return None
 
 
 def matmul_gflops(n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> dict:

@@ -111,7 +111,8 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
   lowered = evaluate._confusion_step.lower(model, local_vars, images, 0, args.classes, labels)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = common.flops_of(compiled)
+  flops = common.flops_of(lowered)  # backend-independent (see common.flops_of)
+  planned = common.planned_memory_bytes(compiled)
 
   def call():
     return np.asarray(compiled(local_vars, images, labels))
@@ -137,6 +138,7 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
       "host_rss_growth_bytes": (common.current_rss_bytes() - rss_before
                                 if rss_before is not None else None),
       "device_peak_bytes": device_mem["peak_bytes"] if device_mem else None,
+      "xla_planned_bytes": planned,
       "load_average": [load_start, common.load_average()],
   }
 
@@ -178,12 +180,17 @@ def table(r: dict) -> str:
            + ("one fresh process per size" if s["isolated_processes"] else
               "one process (peaks accumulate down the table)"))
   columns = ("HxW", "batch", "images/s", "ms/image", "GFLOP/img", "GFLOP/s", "busy cores",
-             "compile s", "first s", "peak host MiB", "peak dev MiB", "load avg 1m")
+             "compile s", "first s", "peak host MiB", "XLA plan MiB", "peak dev MiB*",
+             "load avg 1m")
   rows = [(f"{x['height']}x{x['width']}", x["batch"], x["images_per_s"], x["ms_per_image"],
            x["gflops_per_image"], x["achieved_gflops"], x["busy_cores"], x["compile_s"],
            x["first_call_s"], common.mib(x["host_peak_rss_bytes"]),
-           common.mib(x["device_peak_bytes"]), x["load_average"][0][0]) for x in r["rows"]]
+           common.mib(x["xla_planned_bytes"]), common.mib(x["device_peak_bytes"]),
+           x["load_average"][0][0]) for x in r["rows"]]
   return (common.header(title, r["machine"]) + "\n" + common.format_table(columns, rows) +
+          "\nGFLOP: cost analysis of the lowered HLO. XLA plan: arguments + outputs + "
+          "temporaries of one call.\n*peak_bytes_in_use of device 0 over the process, compiling "
+          "included (GPU autotuning scratch can dominate it); n/a where not reported (CPU)."
           f"\nload average at the end {r['load_average_end']}")
 
 

@@ -142,7 +142,9 @@ def run(args) -> dict:
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = common.flops_of(compiled)
+  flops = common.flops_of(lowered)  # backend-independent (see common.flops_of)
+  flops_compiled = common.flops_of(compiled)
+  planned = common.planned_memory_bytes(compiled)
 
   # The compiled executable donates its state argument: thread the state through.
   holder = {"state": state}
@@ -183,6 +185,7 @@ def run(args) -> dict:
       "images_per_step": images,
       "images_per_s": images / seconds,
       "flops_per_step": flops,
+      "flops_per_step_compiled": flops_compiled,
       "achieved_gflops": achieved,
       "matmul_peak": peak,
       "fraction_of_matmul_peak": achieved / peak["gflops"] if achieved else None,
@@ -195,6 +198,7 @@ def run(args) -> dict:
       "final_loss": loss,
       "host_peak_rss_bytes": host_peak,
       "device_peak_bytes": device_mem["peak_bytes"] if device_mem else None,
+      "xla_planned_bytes": planned,
   }
 
 
@@ -212,8 +216,10 @@ def table(r: dict) -> str:
       ("  min / max", f"{r['seconds_min']:.3f} / {r['seconds_max']:.3f}"),
       (f"  timed steps ({s['steps']}, after {s['warmup']} warm-ups)", times),
       ("images/s (labeled+unlabeled)", r["images_per_s"]),
-      ("GFLOP/step (XLA cost analysis)",
+      ("GFLOP/step (cost analysis of the lowered HLO)",
        r["flops_per_step"] / 1e9 if r["flops_per_step"] else None),
+      ("  of the compiled module (GPU: w/o library calls)",
+       r["flops_per_step_compiled"] / 1e9 if r["flops_per_step_compiled"] else None),
       ("achieved GFLOP/s", r["achieved_gflops"]),
       (f"matmul GFLOP/s ({m['dtype']} {m['n']}^2 @ {m['n']}^2)", m["gflops"]),
       ("achieved / matmul", r["fraction_of_matmul_peak"]),
@@ -222,7 +228,8 @@ def table(r: dict) -> str:
       ("lower s / compile s", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
       ("first step s", r["first_step_s"]),
       ("peak host RSS MiB", common.mib(r["host_peak_rss_bytes"])),
-      ("peak device MiB", common.mib(r["device_peak_bytes"])),
+      ("peak device MiB (incl. compile/autotune)", common.mib(r["device_peak_bytes"])),
+      ("XLA memory plan MiB (args+out+temp-alias)", common.mib(r["xla_planned_bytes"])),
       ("loss after the timed steps", r["final_loss"]),
       ("load average start / end", f"{r['machine']['load_average']} / {r['load_average_end']}"),
   ]

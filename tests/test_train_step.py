@@ -130,9 +130,10 @@ def test_sharded_step_equals_single_device():
     b = make_batch(i)
     s_state, s_m = sharded_step(s_state, jax.device_put(b, NamedSharding(mesh, P("data"))))
     u_state, u_m = single_step(u_state, jax.device_put(b, jax.devices()[0]))
-    for k in u_m:
-      np.testing.assert_allclose(s_m[k], u_m[k], rtol=2e-5, err_msg=k)
+    np.testing.assert_allclose(s_m["loss"], u_m["loss"], rtol=1e-4)
     if i == 0:
+      for k in u_m:
+        np.testing.assert_allclose(s_m[k], u_m[k], rtol=1e-5, err_msg=k)
       # One step: every parameter and BN statistic agrees to float32 reduction-order noise
       # (later steps amplify that noise through near-zero BN biases, so compare losses there).
       diffs = jax.tree.map(rel_diff, (s_state["params"], s_state["batch_stats"]),
@@ -143,7 +144,7 @@ def test_sharded_step_equals_single_device():
 
 
 def test_step_is_deterministic_and_learns():
-  config = tiny_config("full")
+  config = tiny_config("full", learning_rate=0.01)
   model, state, step = build(config)
   jstep = jax.jit(step)
   batch = make_batch()
@@ -193,3 +194,13 @@ def test_unknown_config_key_is_an_error():
   config.lock()
   with pytest.raises(AttributeError):
     config.alhpa = 1.0
+
+
+def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
+  import optax
+  ours = jax.jit(train.poly_schedule(0.01, 0.9, 100))
+  ref = optax.polynomial_schedule(0.01, 0.0, 0.9, 100)
+  for t in (0, 1, 37, 99):
+    np.testing.assert_allclose(ours(t), ref(t), rtol=1e-6)
+  # jit(optax's schedule)(100) is NaN on XLA:CPU (0.0 ** 0.9); ours is 0.
+  assert float(ours(100)) == 0.0 and float(ours(150)) == 0.0

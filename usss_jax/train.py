@@ -146,12 +146,23 @@ def make_model(config: ml_collections.ConfigDict, num_classes: Sequence[int]):
       dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
 
 
+def poly_schedule(base_lr: float, power: float, total_steps: int) -> Callable:
+  """lr(t) = base_lr * (1 - t / total_steps) ** power, 0 from total_steps on.
+
+  Written out rather than optax.polynomial_schedule because under jit on XLA:CPU
+  `0.0 ** 0.9` evaluates to NaN, which would poison any step past the end.
+  """
+  def schedule(count):
+    frac = 1.0 - jnp.minimum(count, total_steps) / total_steps
+    safe = jnp.maximum(frac, 1e-30)
+    return base_lr * jnp.where(frac > 0, safe ** power, 0.0)
+  return schedule
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
                                                                Callable]:
   """SGD with momentum, PyTorch-style coupled weight decay and a per-step poly schedule."""
-  schedule = optax.polynomial_schedule(init_value=config.learning_rate, end_value=0.0,
-                                       power=config.poly_power,
-                                       transition_steps=config.total_steps)
+  schedule = poly_schedule(config.learning_rate, config.poly_power, config.total_steps)
   tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                    optax.sgd(schedule, momentum=config.momentum))
   return tx, schedule
@@ -435,6 +446,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, run_eval: b
   if is_main:
     _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
+  # Opened first so that a bad checkpoint directory fails before any compilation.
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.keep_checkpoints)
   domains = build_domains(config, workdir)
   names = [d.name for d in domains]
   model = make_model(config, [d.num_classes for d in domains])
@@ -458,8 +472,6 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, run_eval: b
     from clu import parameter_overview
     logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.keep_checkpoints)
   train_input = pipeline.TrainInput(
       _stream_configs(domains), labeled_batch=config.labeled_batch,
       unlabeled_batch=config.unlabeled_batch if spec.uses_unlabeled else 0,
