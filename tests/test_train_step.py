@@ -201,6 +201,6 @@ def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
   ours = jax.jit(train.poly_schedule(0.01, 0.9, 100))
   ref = optax.polynomial_schedule(0.01, 0.0, 0.9, 100)
   for t in (0, 1, 37, 99):
-    np.testing.assert_allclose(ours(t), ref(t), rtol=1e-6)
+    np.testing.assert_allclose(ours(t), ref(t), rtol=1e-5)
   # jit(optax's schedule)(100) is NaN on XLA:CPU (0.0 ** 0.9); ours is 0.
   assert float(ours(100)) == 0.0 and float(ours(150)) == 0.0

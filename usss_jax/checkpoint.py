@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,6 +217,10 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    # Orbax needs absolute paths; "gs://..." and other URLs pass through unchanged.
+    directory = str(directory)
+    if "://" not in directory:
+      directory = os.path.abspath(os.path.expanduser(directory))
     self.directory = epath.Path(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode

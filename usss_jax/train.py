@@ -153,9 +153,11 @@ def poly_schedule(base_lr: float, power: float, total_steps: int) -> Callable:
   `0.0 ** 0.9` evaluates to NaN, which would poison any step past the end.
   """
   def schedule(count):
-    frac = 1.0 - jnp.minimum(count, total_steps) / total_steps
-    safe = jnp.maximum(frac, 1e-30)
-    return base_lr * jnp.where(frac > 0, safe ** power, 0.0)
+    # Compare the integer count: XLA may turn "/ total_steps" into a multiplication by
+    # its reciprocal, leaving 1 - t/T slightly above 0 at t = T.
+    running = count < total_steps
+    frac = jnp.where(running, 1.0 - count / total_steps, 1.0)
+    return jnp.where(running, base_lr * frac ** power, 0.0)
   return schedule
 
 
