@@ -90,7 +90,7 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
   model = make_model(args)
   start = time.perf_counter()
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      jax.random.PRNGKey(0))
+      train.init_rng(0))
   variables = jax.block_until_ready(variables)
   init_s = time.perf_counter() - start
   mesh = evaluate.local_mesh()

@@ -112,7 +112,7 @@ def measure(args, num_images: int) -> dict:
   config.encoder_channels = tuple(int(v) for v in args.encoder_channels.split(",") if v)
   model = train.make_model(config, (args.classes,))
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      jax.random.PRNGKey(0))
+      train.init_rng(0))
   variables = jax.block_until_ready(variables)
   reader = SyntheticReader(args.classes, (args.height, args.width))
   examples = reader.examples(num_images)

@@ -129,7 +129,7 @@ def run(args) -> dict:
   init_fn = functools.partial(train.init_state, model, tx, input_hw=(args.height, args.width),
                               label_embeddings=label_embeddings)
   state = jax.block_until_ready(
-      jax.jit(init_fn, out_shardings=replicated)(jax.random.PRNGKey(config.seed)))
+      jax.jit(init_fn, out_shardings=replicated)(train.init_rng(config.seed)))
   init_s = time.perf_counter() - start
   num_params = common.tree_nbytes(state["params"]) // 4
   batch = random_batch(args, names, spec, NamedSharding(mesh, P("data")))

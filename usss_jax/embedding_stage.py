@@ -14,6 +14,7 @@ source "random": N(0, 1) rows, as the released reference code does.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -61,6 +62,15 @@ def _load_external(path: str, name: str, num_classes: int, k: int, dim: int) -> 
                     np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _features_fn(model):
+  """Jitted encoder forward, one per model (so both passes of the stage share it)."""
+  @jax.jit
+  def features_fn(variables, image):
+    return model.apply(variables, image, train=False, logits=False, features=True)["features"]
+  return features_fn
+
+
 def feature_label_batches(model, variables, reader: data_base.DatasetReader, examples,
                           *, domain: int, resize_hw: Sequence[int], normalization: str,
                           max_pixels_per_image: int, seed: int
@@ -72,10 +82,7 @@ def feature_label_batches(model, variables, reader: data_base.DatasetReader, exa
   cheap). At most `max_pixels_per_image` valid pixels per image, drawn with a
   seeded generator.
   """
-  @jax.jit
-  def features_fn(variables, image):
-    return model.apply(variables, image, train=False, logits=False, features=True)["features"]
-
+  features_fn = _features_fn(model)
   rng = np.random.default_rng(seed)
   for ex in examples:
     item = reader.load_example(ex)
