@@ -204,3 +204,26 @@ def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
     np.testing.assert_allclose(ours(t), ref(t), rtol=1e-5)
   # jit(optax's schedule)(100) is NaN on XLA:CPU (0.0 ** 0.9); ours is 0.
   assert float(ours(100)) == 0.0 and float(ours(150)) == 0.0
+
+
+def test_pretrained_encoder_weights_are_loaded(tmp_path):
+  from usss_jax import convert
+  from usss_jax.models import drn
+  config = tiny_config("basic")
+  model, state, _ = build(config)
+  encoder = drn.make_encoder(config.encoder, TINY)
+  # An "ImageNet" checkpoint in the reference's torch layout, with the reference's prefix.
+  source = jax.tree.map(lambda x: np.asarray(x) + 0.5, {
+      "params": state["params"]["encoder"], "batch_stats": state["batch_stats"]["encoder"]})
+  torch_sd = {f"module.{k}": v for k, v in convert.drn_variables_to_torch(source, encoder).items()}
+  path = tmp_path / "drn_tiny.npz"
+  np.savez(path, **torch_sd)
+  config.pretrained = str(path)
+  loaded = train.load_pretrained_encoder(config, model, state)
+  np.testing.assert_array_equal(loaded["params"]["encoder"]["layer0"]["0"]["kernel"],
+                                source["params"]["layer0"]["0"]["kernel"])
+  np.testing.assert_array_equal(loaded["batch_stats"]["encoder"]["layer8"]["1"]["var"],
+                                source["batch_stats"]["layer8"]["1"]["var"])
+  # Heads and the entropy module are untouched.
+  np.testing.assert_array_equal(loaded["params"]["head_0"]["kernel"],
+                                state["params"]["head_0"]["kernel"])
