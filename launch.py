@@ -47,7 +47,15 @@ def _maybe_initialize_distributed(mode: str) -> None:
     detected = [v for v in _CLUSTER_VARS if os.environ.get(v)]
     if not detected or os.environ.get("SLURM_NTASKS") == "1":
       return
-  jax.distributed.initialize()
+  kwargs = {}
+  # A hand-started cluster (e.g. several processes on CPU hosts) names itself with
+  # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; managed clusters
+  # (SLURM, Open MPI, TPU pods) are auto-detected by jax.
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
