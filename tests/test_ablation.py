@@ -30,6 +30,7 @@ def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
     assert "single-source run" in shared.source
   md = open(tmp_path / "results.md").read()
   assert "| single |" in md and "| full |" in md and "per-class IoU" in md
+  assert open(tmp_path / "results.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   # A second call finds every run finished and only rewrites the tables.
   mtime = os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns
   again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])

@@ -174,6 +174,31 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
   return "\n".join(out)
 
 
+def plot_results(results: dict, names: Sequence[str], path: str) -> None:
+  """Bar chart: mean mIoU (%) per method and domain, error bars = std over seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  methods = [m for m in METHOD_ORDER if results.get(m)]
+  columns = list(names) + ["average"]
+  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 3.6))
+  width = 0.8 / max(len(methods), 1)
+  for i, method in enumerate(methods):
+    per_seed = results[method]
+    values = np.array([[per_seed[s][n] for n in names] for s in per_seed]) * 100
+    values = np.concatenate([values, values.mean(1, keepdims=True)], axis=1)
+    x = np.arange(len(columns)) + (i - (len(methods) - 1) / 2) * width
+    ax.bar(x, values.mean(0), width, yerr=values.std(0) if len(values) > 1 else None,
+           label=f"{method} (n={len(values)})", capsize=2)
+  ax.set_xticks(np.arange(len(columns)), columns)
+  ax.set_ylabel("mIoU (%)")
+  ax.legend(fontsize=8, ncols=min(len(methods), 3), loc="lower right")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str]) -> None:
   if jax.process_index() != 0:
     return
@@ -184,6 +209,7 @@ def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str
   with open(tmp, "w") as f:
     f.write(markdown_table(results, details, names))
   os.replace(tmp, os.path.join(workdir, "results.md"))
+  plot_results(results, names, os.path.join(workdir, "results.png"))
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
