@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -346,6 +347,10 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
         train_examples, os.path.join(workdir, "splits"), name, config.num_labeled, config.seed,
         unlabeled_includes_labeled=config.unlabeled_includes_labeled)
     eval_examples = reader.list_examples(dc.eval_split) if dc.eval_split else []
+    for split_name, files in (getattr(reader, "skipped", None) or {}).items():
+      if files:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
+        print(f"{name}: skipped {len(files)} unpaired file(s) in split {split_name!r}, "
+              f"e.g. {files[0]}", file=sys.stderr)
     if config.eval_max_examples > 0:
       eval_examples = eval_examples[:config.eval_max_examples]
     out.append(Domain(name, dc, reader, split.labeled, split.unlabeled, eval_examples))

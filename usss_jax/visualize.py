@@ -849,6 +849,9 @@ def _is_matrix(value) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f"expected one command ({' | '.join(COMMANDS)}), got {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   result = run_command(argv[1])
   # Matrices are in the written JSON; the terminal gets the summary.
   print(json.dumps({k: v for k, v in result.items() if not _is_matrix(v)}, indent=2,
