@@ -103,7 +103,12 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {METHOD_ORDER}")
   results: dict = {m: {} for m in methods}
-  details: dict = {"config": json.loads(config.to_json()), "runs": {}}
+  from usss_jax.data import registry
+  details: dict = {"config": json.loads(config.to_json()), "runs": {}, "classes": {}}
+  for name in names:  # class-index order for the per-class tables
+    dc = config.domains[name]
+    details["classes"][name] = list(registry.get_reader(
+        dc.dataset, dc.root, **dc.options.to_dict()).spec.classes)
   needs_embeddings = any(m in ("cross", "full") for m in methods)
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed{seed}")
@@ -164,7 +169,7 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
       if not runs:
         continue
       ious = [r["domains"][name]["iou"] for r in runs if name in r["domains"]]
-      classes = classes or list(ious[0])
+      classes = classes or details.get("classes", {}).get(name) or list(ious[0])
       means = [np.nanmean([np.nan if i[c] is None else i[c] for i in ious]) * 100 for c in classes]
       rows.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     if classes:
