@@ -24,10 +24,10 @@ def get_config():
   c.learning_rate = 0.05
   c.labeled_batch = 4
   c.unlabeled_batch = 4
-  c.total_steps = 400
-  c.label_embeddings.pretrain_steps = 150
-  c.log_every = 25
-  c.eval_every = 200
-  c.checkpoint_every = 100
+  c.total_steps = 1200
+  c.label_embeddings.pretrain_steps = 300
+  c.log_every = 50
+  c.eval_every = 400
+  c.checkpoint_every = 200
   c.eval_batch = 8
   return c
