@@ -85,11 +85,7 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
   from usss_jax import runtime
   model, variables, domains, _ = runtime.restore_model(config, workdir, which="latest")
   dom = next(d for d in domains if d.name == source)
-  computed = embedding_stage.compute_from_model(
-      model, variables, dom.reader, dom.labeled, domain=0, num_classes=dom.num_classes,
-      k=int(config.embeddings_per_class), dim=int(config.embedding_dim),
-      resize_hw=tuple(dom.config.resize), normalization=config.normalization,
-      max_pixels_per_image=int(config.label_embeddings.max_pixels_per_image), seed=config.seed)
+  computed = embedding_stage.compute_for_domain(config, model, variables, dom)
   computed.source = f"single-source run {workdir}"
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   computed.save(out_path)

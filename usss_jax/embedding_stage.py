@@ -113,6 +113,21 @@ def compute_from_model(model, variables, reader, examples, *, domain: int, num_c
                                           seed=seed)
 
 
+def compute_for_domain(config: ml_collections.ConfigDict, model, variables,
+                       domain) -> emb_lib.LabelEmbeddings:
+  """A domain's label embeddings from a trained model, with the config's stage settings.
+
+  Args:
+    domain: a `train.Domain` (reader, labeled examples, its config).
+  """
+  return compute_from_model(
+      model, variables, domain.reader, domain.labeled, domain=0,
+      num_classes=domain.num_classes, k=int(config.embeddings_per_class),
+      dim=int(config.embedding_dim), resize_hw=tuple(domain.config.resize),
+      normalization=config.normalization,
+      max_pixels_per_image=int(config.label_embeddings.max_pixels_per_image), seed=config.seed)
+
+
 def pretrain_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """The supervised single-domain run whose encoder defines `name`'s embeddings."""
   sub = copy.deepcopy(config)

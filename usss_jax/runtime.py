@@ -40,37 +40,50 @@ def embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
           for d, e in zip(domains, embs)}
 
 
-def restore_model(config: ml_collections.ConfigDict, workdir: str, which: str = "best"):
-  """(model, variables, domains, step) from `workdir`'s best or latest checkpoint."""
+def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+                  sharding: NamedSharding | None = None):
+  """(model, train state, domains, step) from `workdir`'s best (else latest) or latest checkpoint.
+
+  Args:
+    which: "best" (falls back to the latest when no best exists) or "latest".
+    sharding: where the restored arrays go; default replicated over all devices.
+  """
   from usss_jax import checkpoint as ckpt_lib
   from usss_jax.data import pipeline
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
   train_lib.validate_config(config)
-  domains = train_lib.build_domains(config, workdir)
-  model = train_lib.make_model(config, [d.num_classes for d in domains])
-  tx, _ = train_lib.make_optimizer(config)
-  mesh = pipeline.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  embs = train_lib._placeholder_embeddings(config, domains)
-  init_fn = functools.partial(train_lib.init_state, model, tx,
-                              input_hw=tuple(domains[0].config.crop),
-                              label_embeddings=tuple(embs))
-  shapes = jax.eval_shape(init_fn, train_lib.init_rng(0))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          shapes)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint directory; train first "
                                    f"(python launch.py --config=... --workdir={workdir})")
+  domains = train_lib.build_domains(config, workdir)
+  model = train_lib.make_model(config, [d.num_classes for d in domains])
+  tx, _ = train_lib.make_optimizer(config)
+  sharding = sharding or NamedSharding(pipeline.make_mesh(), P())
+  init_fn = functools.partial(train_lib.init_state, model, tx,
+                              input_hw=tuple(domains[0].config.crop),
+                              label_embeddings=tuple(
+                                  train_lib._placeholder_embeddings(config, domains)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          jax.eval_shape(init_fn, train_lib.init_rng(0)))
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
   try:
-    best = which == "best" and checkpointer.all_steps(best=True)
+    best = which == "best" and bool(checkpointer.all_steps(best=True))
     if not best and checkpointer.latest_step() is None:
       raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
-    state, _ = checkpointer.restore(abstract, best=bool(best))
+    state, _ = checkpointer.restore(abstract, best=best)
   finally:
     checkpointer.close()
+  return model, state, domains, int(jax.device_get(state["step"]))
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str, which: str = "best"):
+  """(model, variables, domains, step): `restore_state` without the optimiser and embeddings."""
+  model, state, domains, step = restore_state(config, workdir, which)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  return model, variables, domains, int(jax.device_get(state["step"]))
+  return model, variables, domains, step
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

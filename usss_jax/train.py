@@ -411,13 +411,10 @@ def prepare_label_embeddings(config, workdir: str, domains: Sequence[Domain]) ->
         out_dir, f"pretrain_{d.name}")
     sub_config = embedding_stage.pretrain_config(config, d.name)
     logging.info("label embeddings of %s: supervised pre-training in %s", d.name, sub_workdir)
-    state, _, model, sub_domains = run_training(sub_config, sub_workdir, run_eval=False,
-                                                log_prefix=f"[embed {d.name}] ")
+    state, _, model, _ = run_training(sub_config, sub_workdir, run_eval=False,
+                                      log_prefix=f"[embed {d.name}] ")
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    computed = embedding_stage.compute_from_model(
-        model, variables, d.reader, d.labeled, domain=0, num_classes=d.num_classes, k=k, dim=dim,
-        resize_hw=tuple(d.config.resize), normalization=config.normalization,
-        max_pixels_per_image=int(config.label_embeddings.max_pixels_per_image), seed=config.seed)
+    computed = embedding_stage.compute_for_domain(config, model, variables, d)
     computed.source = f"pretrain:{sub_workdir}"
     if jax.process_index() == 0:
       computed.save(path)

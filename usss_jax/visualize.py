@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from usss_jax import losses
+from usss_jax import runtime
 from usss_jax import train as train_lib
 from usss_jax.data import base as data_base
 
@@ -340,34 +341,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = 
   `state["label_embeddings"]` (which EMA may have moved away from the saved
   files), and places it on one local device.
   """
-  from usss_jax import checkpoint as ckpt_lib
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-  train_lib.validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint directory; train first "
-                                   f"(python launch.py --config=... --workdir={workdir})")
-  domains = train_lib.build_domains(config, workdir)
-  model = train_lib.make_model(config, [d.num_classes for d in domains])
-  tx, _ = train_lib.make_optimizer(config)
-  init_fn = functools.partial(train_lib.init_state, model, tx,
-                              input_hw=tuple(domains[0].config.crop),
-                              label_embeddings=tuple(
-                                  train_lib._placeholder_embeddings(config, domains)))
-  sharding = _one_device_sharding()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
-  try:
-    best = which == "best" and bool(checkpointer.all_steps(best=True))
-    if not best and checkpointer.latest_step() is None:
-      raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
-    state, _ = checkpointer.restore(abstract, best=best)
-  finally:
-    checkpointer.close()
-  return model, state, domains, int(jax.device_get(state["step"]))
+  return runtime.restore_state(config, workdir, which, sharding=_one_device_sharding())
 
 
 def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, state: dict,
@@ -525,7 +499,6 @@ def predict_any(config: ml_collections.ConfigDict, workdir: str, input_path: str
   evaluation split), and returns a summary.
   """
   from PIL import Image
-  from usss_jax import runtime
   from usss_jax.data import base
   if int(config.embedding_dim) <= 0:
     raise ValueError("predict_any needs the entropy module: config.embedding_dim is 0")
