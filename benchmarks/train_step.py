@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--unlabeled", type=int, default=2, help="unlabeled images per domain")
   parser.add_argument("--method", default="full", choices=train.METHODS)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--conv-weight-grad", default="auto", choices=("auto", "xla", "taps"),
+                      help="how convolutions compute kernel gradients (usss_jax.models.layers)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
   parser.add_argument("--classes", type=_int_list, default=(19, 26),
@@ -90,6 +92,7 @@ def make_config(args):
   config.encoder_channels = tuple(args.encoder_channels)
   config.embedding_dim = args.embedding_dim
   config.dtype = args.dtype
+  config.conv_weight_grad = args.conv_weight_grad
   config.labeled_batch = args.labeled
   config.unlabeled_batch = args.unlabeled
   config.label_embeddings.source = "random"

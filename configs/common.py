@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.embeddings_per_class = 1  # K prototypes per class (K-means when > 1)
   c.upsample = "transposed"   # "transposed" (reference, attenuated border) | "resize"
   c.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+  c.conv_weight_grad = "auto"  # auto | xla | taps: how convs compute kernel gradients (speed only)
 
   # Entropy module options (defaults = reference).
   c.temperature = 1.0
@@ -81,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 20000
   c.normalization = "imagenet"  # imagenet | none (the reference fed raw [0, 1] pixels)
   c.workers = 0           # grain worker processes per stream
+  c.data_cache_mb = 512   # decoded training images kept in memory, per stream (speed only)
 
   # Bookkeeping.
   c.log_every = 50

@@ -12,7 +12,7 @@ within-domain term, per-domain losses are summed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,21 +120,30 @@ def label_embedding_entropy(pixel_embedding: jax.Array, label_embeddings: jax.Ar
                             temperature: float = 1.0,
                             normalize_pixels: bool = False,
                             embeddings_per_class: int = 1,
-                            prototype_reduction: str = "none") -> jax.Array:
+                            prototype_reduction: str = "none",
+                            upsample: Callable[[jax.Array], jax.Array] | None = None
+                            ) -> jax.Array:
   """Mean per-pixel entropy of the similarities to one domain's label embeddings.
 
   Args:
-    pixel_embedding: [B, H, W, D].
+    pixel_embedding: [B, H, W, D] (or [B, h, w, D] with `upsample`).
     label_embeddings: [M, D], M = C * embeddings_per_class.
     mask: optional [B, H, W] bool of pixels that count (e.g. not crop padding);
       None = every pixel, as in the reference.
     temperature, normalize_pixels: see `label_similarity`.
     embeddings_per_class, prototype_reduction: see `reduce_prototypes`.
+    upsample: optional linear map [B, h, w, M] -> [B, H, W, M] applied to the scores. For a
+      pixel embedding at the encoder's resolution this gives exactly the scores of the
+      upsampled embedding (dot products commute with a linear, channel-wise upsampler) at
+      M / D of the cost; with `normalize_pixels` the normalisation then happens before
+      upsampling.
   Returns:
     Scalar float32.
   """
   scores = label_similarity(pixel_embedding, label_embeddings, temperature=temperature,
                             normalize_pixels=normalize_pixels)
+  if upsample is not None:
+    scores = upsample(scores)
   scores = reduce_prototypes(scores, embeddings_per_class, prototype_reduction)
   return _masked_mean(softmax_entropy(scores), mask)
 

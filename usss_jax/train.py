@@ -144,6 +144,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: Sequence[int]):
       num_classes=tuple(int(c) for c in num_classes),
       embedding_dim=int(config.embedding_dim),
       upsample=config.upsample,
+      conv_weight_grad=config.conv_weight_grad,
       dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
 
 
@@ -265,21 +266,28 @@ def make_train_step(model, tx, spec: LossSpec, domain_names: Sequence[str]):
         continue
       images = batch[name]["unlabeled"]["image"]
       use_ser = spec.method == "ser"
+      # Dot-product scores are computed at the encoder's resolution and upsampled (exact: the
+      # upsampler is linear); cosine scores need the upsampled embedding.
+      low_res = not spec.normalize_pixels
       out, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                  train=True, domain=d, logits=use_ser, embedding=not use_ser,
-                                 mutable=["batch_stats"])
+                                 upsample_embedding=not low_res, mutable=["batch_stats"])
       batch_stats = jax.lax.stop_gradient(updates["batch_stats"])
       if use_ser:
         ser_d = losses.decoder_softmax_entropy(out["logits"])
         ser.append(ser_d)
         metrics[f"ser/{name}"] = ser_d
         continue
+      upsample = (functools.partial(model.upsample_scores, out_size=images.shape[1:3])
+                  if low_res else None)
       if spec.alpha != 0 and len(domain_names) > 1:
-        c = losses.cross_domain_entropy(out["embedding"], label_embeddings, d, **entropy_kwargs)
+        c = losses.cross_domain_entropy(out["embedding"], label_embeddings, d, **entropy_kwargs,
+                                        upsample=upsample)
         cross.append(c)
         metrics[f"cross/{name}"] = c
       if spec.beta != 0:
-        w = losses.within_domain_entropy(out["embedding"], label_embeddings, d, **entropy_kwargs)
+        w = losses.within_domain_entropy(out["embedding"], label_embeddings, d, **entropy_kwargs,
+                                         upsample=upsample)
         within.append(w)
         metrics[f"within/{name}"] = w
     total = losses.total_loss(sup, cross, within, alpha=spec.alpha, beta=spec.beta)
@@ -480,7 +488,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *, run_eval: b
       _stream_configs(domains), labeled_batch=config.labeled_batch,
       unlabeled_batch=config.unlabeled_batch if spec.uses_unlabeled else 0,
       seed=config.seed, mesh=mesh, normalization=config.normalization,
-      worker_count=config.workers)
+      worker_count=config.workers, cache_mb=config.data_cache_mb)
   start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:

@@ -126,6 +126,7 @@ class TrainInput:
     worker_count: grain worker processes (0 = in-process threads only).
     data_axis: mesh axis the batch dimension is sharded over.
     read_threads: threads per process computing steps ahead.
+    cache_mb: decoded (resized) images kept in memory per stream, in MiB.
     prefetch_steps: steps buffered ahead per process.
     process_index, process_count: host slice to produce; default = JAX's. Only
       overridable with mesh=None (to test the per-host logic in one process).
@@ -135,6 +136,7 @@ class TrainInput:
                unlabeled_batch: int, seed: int, mesh: Mesh | None,
                normalization: str = "imagenet", worker_count: int = 0,
                data_axis: str = "data", read_threads: int = 2, prefetch_steps: int = 2,
+               cache_mb: int = 0,
                process_index: int | None = None, process_count: int | None = None):
     if not domains:
       raise ValueError("TrainInput needs at least one domain")
@@ -182,7 +184,7 @@ class TrainInput:
         transform = LoadAndAugment(
             d.reader, with_label=kind == "labeled", crop_hw=d.crop_hw,
             resize_hw=d.resize_hw, scale_range=d.scale_range, flip=d.flip,
-            normalization=normalization)
+            normalization=normalization, cache_bytes=cache_mb << 20)
         parts.append(self._stream(examples, batch // self._process_count, transform,
                                   *_stream_seeds(seed, d.name, kind)))
         self._streams.append((d.name, kind, batch))

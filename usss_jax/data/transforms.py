@@ -10,6 +10,7 @@ their values are preserved exactly.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -177,27 +178,68 @@ def eval_transform(example: dict[str, Any], *, resize_hw: tuple[int, int] | None
 class LoadAndAugment:
   """Picklable `(Example, rng) -> arrays` map for grain's `random_map`.
 
+  Decoded (and `resize_hw`-resized) examples are kept in memory up to `cache_bytes`, since
+  decoding dominates the input cost of small crops; the random part (scale, crop, flip)
+  runs on every call. The cache is filled first come, first kept (every example is drawn
+  equally often, so evicting would only churn) and is not pickled: each grain worker
+  process fills its own.
+
   Lives here (not in pipeline.py) so that grain worker processes unpickling it
   import only NumPy/PIL and the reader, not JAX.
   """
 
   def __init__(self, reader, *, with_label: bool, crop_hw, resize_hw=None,
-               scale_range=(1.0, 1.0), flip: bool = True, normalization: str = "imagenet"):
+               scale_range=(1.0, 1.0), flip: bool = True, normalization: str = "imagenet",
+               cache_bytes: int = 0):
     if normalization not in NORMALIZATIONS:
       raise ValueError(f"unknown normalization {normalization!r}; expected one of "
                        f"{NORMALIZATIONS}")
     self.reader = reader
     self.with_label = with_label
-    self.kwargs = dict(crop_hw=crop_hw, resize_hw=resize_hw, scale_range=tuple(scale_range),
+    self.resize_hw = tuple(resize_hw) if resize_hw else None
+    self.cache_bytes = int(cache_bytes)
+    self.kwargs = dict(crop_hw=crop_hw, scale_range=tuple(scale_range),
                        flip=flip, normalization=normalization,
                        ignore_label=reader.spec.ignore_label)
+    self._init_cache()
+
+  def _init_cache(self) -> None:
+    self._cache: dict[str, dict[str, np.ndarray]] = {}
+    self._cached_bytes = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    for name in ("_cache", "_cached_bytes", "_lock"):
+      state.pop(name)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_cache()
+
+  def _decoded(self, example) -> dict[str, np.ndarray]:
+    """{"image", "label"?} of `example` after `resize_hw`, from the cache when possible."""
+    cached = self._cache.get(example.key)
+    if cached is not None:
+      return cached
+    loaded = self.reader.load_example(example)
+    if self.with_label and "label" not in loaded:
+      raise ValueError(f"{example.image_path}: example {example.key!r} is in a labeled "
+                       "stream but has no label")
+    image, label = _check_example(loaded)
+    if self.resize_hw is not None:
+      image, label = resize(image, label, self.resize_hw)
+    decoded = {"image": image} if label is None else {"image": image, "label": label}
+    size = sum(a.nbytes for a in decoded.values())
+    with self._lock:
+      if self._cached_bytes + size <= self.cache_bytes and example.key not in self._cache:
+        self._cache[example.key] = decoded
+        self._cached_bytes += size
+    return decoded
 
   def __call__(self, example, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if not self.with_label and example.label_path is not None:
       # Unlabeled stream: never decode the label (the reference decoded and dropped it).
       example = dataclasses.replace(example, label_path=None)
-    loaded = self.reader.load_example(example)
-    if self.with_label and "label" not in loaded:
-      raise ValueError(f"{example.image_path}: example {example.key!r} is in a labeled "
-                       "stream but has no label")
-    return train_transform(loaded, rng, **self.kwargs)
+    return train_transform(self._decoded(example), rng, **self.kwargs)

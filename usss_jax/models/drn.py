@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from usss_jax.models.layers import BatchNorm
+from usss_jax.models.layers import BatchNorm, Conv2d
 
 Dtype = Any
 
@@ -50,13 +50,10 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, dtype: Dtype,
-          name: str) -> nn.Conv:
+          weight_grad: str, name: str) -> Conv2d:
   """Bias-free conv with PyTorch-style symmetric padding `dilation * (kernel - 1) / 2`."""
-  pad = dilation * (kernel - 1) // 2
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=conv_init, name=name)
+  return Conv2d(features, kernel, stride=stride, dilation=dilation, dtype=dtype,
+                kernel_init=conv_init, weight_grad=weight_grad, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -66,6 +63,7 @@ class BasicBlock(nn.Module):
   dilation: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   expansion = 1
 
@@ -74,9 +72,10 @@ class BasicBlock(nn.Module):
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, planes]."""
     bn = lambda name: BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=name)
     y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation[0], dtype=self.dtype,
-              name="conv1")(x)
+              weight_grad=self.weight_grad, name="conv1")(x)
     y = nn.relu(bn("bn1")(y, use_running_average=not train))
-    y = _conv(self.planes, 3, dilation=self.dilation[1], dtype=self.dtype, name="conv2")(y)
+    y = _conv(self.planes, 3, dilation=self.dilation[1], dtype=self.dtype,
+              weight_grad=self.weight_grad, name="conv2")(y)
     y = bn("bn2")(y, use_running_average=not train)
     return nn.relu(y + _shortcut(self, x, train))
 
@@ -91,6 +90,7 @@ class Bottleneck(nn.Module):
   dilation: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   expansion = 4
 
@@ -98,12 +98,13 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
     bn = lambda name: BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=name)
-    y = _conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+    y = _conv(self.planes, 1, dtype=self.dtype, weight_grad=self.weight_grad, name="conv1")(x)
     y = nn.relu(bn("bn1")(y, use_running_average=not train))
     y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation[1], dtype=self.dtype,
-              name="conv2")(y)
+              weight_grad=self.weight_grad, name="conv2")(y)
     y = nn.relu(bn("bn2")(y, use_running_average=not train))
-    y = _conv(self.planes * self.expansion, 1, dtype=self.dtype, name="conv3")(y)
+    y = _conv(self.planes * self.expansion, 1, dtype=self.dtype, weight_grad=self.weight_grad,
+              name="conv3")(y)
     y = bn("bn3")(y, use_running_average=not train)
     return nn.relu(y + _shortcut(self, x, train))
 
@@ -114,7 +115,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array, train: bool) -> jax.
   if block.stride == 1 and x.shape[-1] == out_features:
     return x
   projection = _DownsampleProjection(out_features, block.stride, block.dtype, block.bn_momentum,
-                                     parent=block, name="downsample")
+                                     block.weight_grad, parent=block, name="downsample")
   return projection(x, train)
 
 
@@ -124,10 +125,12 @@ class _DownsampleProjection(nn.Module):
   stride: int
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = _conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="0")(x)
+    y = _conv(self.features, 1, stride=self.stride, dtype=self.dtype,
+              weight_grad=self.weight_grad, name="0")(x)
     return BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name="1")(
         y, use_running_average=not train)
 
@@ -144,13 +147,15 @@ class ConvStack(nn.Module):
   dilation: int = 1
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]."""
     for i in range(self.num_convs):
       x = _conv(self.features, self.kernel, stride=self.stride if i == 0 else 1,
-                dilation=self.dilation, dtype=self.dtype, name=str(3 * i))(x)
+                dilation=self.dilation, dtype=self.dtype, weight_grad=self.weight_grad,
+                name=str(3 * i))(x)
       x = BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=str(3 * i + 1))(
           x, use_running_average=not train)
       x = nn.relu(x)
@@ -171,6 +176,7 @@ class ResidualStage(nn.Module):
   new_level: bool = True
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -183,7 +189,8 @@ class ResidualStage(nn.Module):
       x = block_cls(
           planes=self.planes, stride=self.stride if b == 0 else 1,
           dilation=first_dilation if b == 0 else (self.dilation, self.dilation),
-          dtype=self.dtype, bn_momentum=self.bn_momentum, name=str(b))(x, train)
+          dtype=self.dtype, bn_momentum=self.bn_momentum, weight_grad=self.weight_grad,
+          name=str(b))(x, train)
     return x
 
 
@@ -199,12 +206,14 @@ class DRN(nn.Module):
       channels[7].
     dtype: compute dtype (params stay float32; BN statistics are computed in float32).
     bn_momentum: PyTorch-convention BN momentum.
+    weight_grad: how convolutions compute their kernel gradient (`layers.Conv2d`).
   """
   block: str = "basic"
   layers: tuple[int, ...] = ENCODERS["drn_d_22"]["layers"]
   channels: tuple[int, ...] = DEFAULT_CHANNELS
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  weight_grad: str = "auto"
 
   @property
   def out_channels(self) -> int:
@@ -231,7 +240,7 @@ class DRN(nn.Module):
       raise ValueError(f"DRN-D needs 8 layer counts and 8 channels, got layers={self.layers}, "
                        f"channels={self.channels}")
     c, n = self.channels, self.layers
-    common = dict(dtype=self.dtype, bn_momentum=self.bn_momentum)
+    common = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, weight_grad=self.weight_grad)
     stages = [
         ConvStack(c[0], 1, kernel=7, name="layer0", **common),
         ConvStack(c[0], n[0], name="layer1", **common),
@@ -255,7 +264,7 @@ class DRN(nn.Module):
 
 def make_encoder(name: str, channels: tuple[int, ...] | None = None,
                  dtype: Dtype = jnp.float32, bn_momentum: float = 0.1,
-                 module_name: str | None = None) -> DRN:
+                 module_name: str | None = None, weight_grad: str = "auto") -> DRN:
   """DRN-D variant `name` (a key of ENCODERS), optionally with other widths (tiny test models).
 
   `module_name` names the module when it is created inside a parent's compact method.
@@ -265,4 +274,4 @@ def make_encoder(name: str, channels: tuple[int, ...] | None = None,
   spec = ENCODERS[name]
   return DRN(block=spec["block"], layers=tuple(spec["layers"]),
              channels=tuple(channels) if channels is not None else DEFAULT_CHANNELS,
-             dtype=dtype, bn_momentum=bn_momentum, name=module_name)
+             dtype=dtype, bn_momentum=bn_momentum, weight_grad=weight_grad, name=module_name)

@@ -2,10 +2,14 @@
 
 * `BatchNorm`: BatchNorm with PyTorch semantics, so that ImageNet DRN checkpoints and the reference
   training dynamics carry over (Flax's `nn.BatchNorm` stores the *biased* batch variance).
+* `Conv2d`: a bias-free convolution (PyTorch-style explicit padding) whose kernel gradient can be
+  computed as one matrix product per kernel tap, which XLA:CPU runs up to 9x faster than its own
+  weight-gradient convolution for wide layers.
 * `BilinearUpsample`: the reference's frozen depthwise bilinear ConvTranspose2d (x8, computed as
   two small matmuls), or a plain bilinear resize.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -80,6 +84,113 @@ class BatchNorm(nn.Module):
     multiplier = scale.astype(stats_dtype) * lax.rsqrt(var + self.epsilon)
     y = (x_stats - mean) * multiplier + bias.astype(stats_dtype)
     return y.astype(self.dtype or x.dtype)
+
+
+WEIGHT_GRADS = ("auto", "xla", "taps")
+# From this many input x output channels on, the per-tap matmuls beat XLA:CPU's own
+# weight-gradient convolution (2-core AVX2 VM, 3x3 conv, batch 4 at 32x64: 512x512 channels
+# 4.4 s vs 0.5 s, 256x256 285 vs 162 ms); for narrow layers they lose inside a whole network
+# (tiny DRN-D-22 encoder fwd+bwd 92 -> 138 ms with every layer on taps). docs/BENCHMARKS.md.
+_TAPS_MIN_CHANNEL_PRODUCT = 256 * 256
+
+
+def _conv_forward(x, kernel, stride: int, dilation: int, padding: int):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_tap_grad(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
+                    padding: int) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO, symmetric padding) with a per-tap kernel gradient.
+
+  The forward and the input gradient are XLA's convolutions; the kernel gradient is, for each
+  of the kh x kw taps, `x_tap^T @ dy` contracted over batch and output pixels, where `x_tap` is
+  the strided slice of the padded input that the tap sees. Same maths as the convolution
+  (different summation order).
+
+  Args:
+    x: [B, H, W, Cin].
+    kernel: [kh, kw, Cin, Cout].
+    stride, dilation, padding: static ints, the same for both spatial axes.
+  Returns:
+    [B, Ho, Wo, Cout] with Ho = (H + 2 padding - dilation (kh - 1) - 1) // stride + 1.
+  """
+  return _conv_forward(x, kernel, stride, dilation, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, dilation, padding):
+  return _conv_forward(x, kernel, stride, dilation, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, dilation, padding, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda v: _conv_forward(v, kernel, stride, dilation, padding), x)
+  (dx,) = input_vjp(dy)
+  kh, kw = kernel.shape[:2]
+  batch, out_h, out_w, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      start = (0, i * dilation, j * dilation, 0)
+      limit = (batch, i * dilation + stride * (out_h - 1) + 1,
+               j * dilation + stride * (out_w - 1) + 1, x.shape[-1])
+      x_tap = lax.slice(xp, start, limit, (1, stride, stride, 1))
+      taps.append(lax.dot_general(x_tap, dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                                  preferred_element_type=jnp.float32))
+  dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dkernel
+
+
+conv2d_tap_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def use_tap_weight_grad(weight_grad: str, in_features: int, out_features: int) -> bool:
+  """Whether `Conv2d` takes the per-tap kernel gradient ("auto": on CPU, for wide layers)."""
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f"unknown weight_grad {weight_grad!r}; use one of {WEIGHT_GRADS}")
+  if weight_grad != "auto":
+    return weight_grad == "taps"
+  return (jax.default_backend() == "cpu" and
+          in_features * out_features >= _TAPS_MIN_CHANNEL_PRODUCT)
+
+
+class Conv2d(nn.Module):
+  """Bias-free square convolution with PyTorch-style symmetric padding `dilation * (k - 1) / 2`.
+
+  Parameter `kernel` [k, k, Cin, features] (HWIO), like `nn.Conv`, so checkpoints and the
+  PyTorch converter see the same tree.
+
+  Attributes:
+    features: output channels.
+    kernel_size: k.
+    stride, dilation: the same for both spatial axes.
+    dtype: compute dtype (the kernel is stored in float32 and cast).
+    kernel_init: initializer of the kernel.
+    weight_grad: "xla" (XLA's weight-gradient convolution), "taps" (`conv2d_tap_grad`) or
+      "auto" (taps on CPU when Cin * Cout >= 256 * 256).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  weight_grad: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, Ho, Wo, features]."""
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    padding = self.dilation * (k - 1) // 2
+    if use_tap_weight_grad(self.weight_grad, x.shape[-1], self.features):
+      return conv2d_tap_grad(x, kernel, self.stride, self.dilation, padding)
+    return _conv_forward(x, kernel, self.stride, self.dilation, padding)
 
 
 def _bilinear_taps(factor: int) -> np.ndarray:
@@ -189,22 +300,29 @@ class BilinearUpsample(nn.Module):
     Returns:
       [B, f*h, f*w, C], or [B, H, W, C] with `out_size`.
     """
-    f = self.factor
-    _, h, w, channels = x.shape
-    out_h, out_w = out_size if out_size is not None else (f * h, f * w)
-    if not (0 < out_h <= f * h and 0 < out_w <= f * w):
-      raise ValueError(
-          f"out_size {out_size} must lie within the x{f} upsampled size {(f * h, f * w)}")
-    if self.mode == "transposed":
-      rows = jnp.asarray(bilinear_upsample_matrix(h, f, out_h), x.dtype)
-      cols = jnp.asarray(bilinear_upsample_matrix(w, f, out_w), x.dtype)
-      # Entries are multiples of 1/(2f), exact in bf16 too; only float32+ needs HIGHEST to
-      # avoid TF32 rounding on GPUs.
-      precision = (lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits >= 32
-                   else lax.Precision.DEFAULT)
-      y = jnp.einsum("oh,bhwc->bowc", rows, x, precision=precision)
-      return jnp.einsum("pw,bowc->bopc", cols, y, precision=precision)
-    if self.mode == "resize":
-      y = jax.image.resize(x, (x.shape[0], f * h, f * w, channels), method="bilinear")
-      return y[:, :out_h, :out_w, :]
-    raise ValueError(f"unknown upsampling mode {self.mode!r}; use 'transposed' or 'resize'")
+    return upsample_bilinear(x, self.factor, self.mode, out_size)
+
+
+def upsample_bilinear(x: jax.Array, factor: int = 8, mode: str = "transposed",
+                      out_size: tuple[int, int] | None = None) -> jax.Array:
+  """`BilinearUpsample` as a plain function: [B, h, w, C] -> [B, f*h, f*w, C] or out_size."""
+  f = factor
+  _, h, w, channels = x.shape
+  out_h, out_w = out_size if out_size is not None else (f * h, f * w)
+  if not (0 < out_h <= f * h and 0 < out_w <= f * w):
+    raise ValueError(
+        f"out_size {out_size} must lie within the x{f} upsampled size {(f * h, f * w)}")
+  if mode == "transposed":
+    rows = jnp.asarray(bilinear_upsample_matrix(h, f, out_h), x.dtype)
+    cols = jnp.asarray(bilinear_upsample_matrix(w, f, out_w), x.dtype)
+    # Entries are multiples of 1/(2f), exact in bf16 too; only float32+ needs HIGHEST to
+    # avoid TF32 rounding on GPUs.
+    precision = (lax.Precision.HIGHEST if jnp.finfo(x.dtype).bits >= 32
+                 else lax.Precision.DEFAULT)
+    y = jnp.einsum("oh,bhwc->bowc", rows, x, precision=precision)
+    return jnp.einsum("pw,bowc->bopc", cols, y, precision=precision)
+  if mode == "resize":
+    y = jax.image.resize(x, (x.shape[0], f * h, f * w, channels), method="bilinear")
+    return y[:, :out_h, :out_w, :]
+  raise ValueError(f"unknown upsampling mode {mode!r}; use 'transposed' or 'resize'")
+

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from usss_jax.models import drn as drn_lib
-from usss_jax.models.layers import BilinearUpsample
+from usss_jax.models.layers import BilinearUpsample, upsample_bilinear
 
 Dtype = Any
 UPSAMPLE_FACTOR = 8  # the DRN-D output stride
@@ -74,6 +74,8 @@ class UniversalSegmenter(nn.Module):
     dtype: compute dtype (params stay float32; BN statistics in float32). Outputs come back in
       this dtype; cast logits to float32 in the loss.
     bn_momentum: PyTorch-convention BN momentum of the encoder.
+    conv_weight_grad: how the encoder's convolutions compute kernel gradients
+      ("auto" | "xla" | "taps", see `layers.Conv2d`).
   """
   encoder: str = "drn_d_22"
   encoder_channels: tuple[int, ...] | None = None
@@ -83,11 +85,16 @@ class UniversalSegmenter(nn.Module):
   head_init: str = "reference"
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.1
+  conv_weight_grad: str = "auto"
+
+  def upsample_scores(self, scores: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+    """The model's frozen x8 upsampler on any [B, h, w, M] map, cropped to `out_size`."""
+    return upsample_bilinear(scores, UPSAMPLE_FACTOR, self.upsample, out_size)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, domain: int | None = None,
                logits: bool = True, embedding: bool = False,
-               features: bool = False) -> dict[str, Any]:
+               features: bool = False, upsample_embedding: bool = True) -> dict[str, Any]:
     """Runs the encoder and the requested heads.
 
     Args:
@@ -97,11 +104,15 @@ class UniversalSegmenter(nn.Module):
       logits: return segmentation logits.
       embedding: return pixel embeddings (needs embedding_dim > 0).
       features: return the encoder output.
+      upsample_embedding: return the pixel embedding at the input resolution (True) or at the
+        encoder's (False; scores against label embeddings can then be computed there and
+        upsampled, which is the same for dot products since the upsampler is linear).
 
     Returns:
       dict with, as requested,
         "logits": [B, H, W, num_classes[domain]], or a tuple over all domains when domain is None;
-        "embedding": [B, H, W, embedding_dim];
+        "embedding": [B, H, W, embedding_dim] ([B, ceil(H/8), ceil(W/8), embedding_dim] without
+          upsample_embedding);
         "features": [B, ceil(H/8), ceil(W/8), encoder_channels[-1]].
     """
     num_domains = len(self.num_classes)
@@ -116,7 +127,8 @@ class UniversalSegmenter(nn.Module):
 
     out_size = (x.shape[1], x.shape[2])
     encoder = drn_lib.make_encoder(self.encoder, self.encoder_channels, dtype=self.dtype,
-                                   bn_momentum=self.bn_momentum, module_name="encoder")
+                                   bn_momentum=self.bn_momentum, module_name="encoder",
+                                   weight_grad=self.conv_weight_grad)
     feats = encoder(x, train)
     in_features = feats.shape[-1]
     upsampler = BilinearUpsample(factor=UPSAMPLE_FACTOR, mode=self.upsample)
@@ -141,7 +153,9 @@ class UniversalSegmenter(nn.Module):
       else:
         outputs["logits"] = upsampler(heads[domain](feats), out_size)
     if embedding:
-      outputs["embedding"] = upsampler(embed(feats), out_size)
+      pixel_embedding = embed(feats)
+      outputs["embedding"] = (upsampler(pixel_embedding, out_size) if upsample_embedding
+                              else pixel_embedding)
     if features:
       outputs["features"] = feats
     return outputs
