@@ -14,12 +14,14 @@ Open MPI, or JAX_COORDINATOR_ADDRESS set) it initialises jax.distributed.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from usss_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -40,7 +42,6 @@ _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZ
 
 
 def _maybe_initialize_distributed(mode: str) -> None:
-  import jax
   if mode == "off":
     return
   if mode == "auto":
@@ -71,7 +72,6 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
 
-  from usss_jax import runtime
   if _MODE.value == "train":
     results = runtime.train(config, workdir)
   elif _MODE.value == "embed":

@@ -6,7 +6,7 @@
 What is timed is one evaluation batch exactly as `usss_jax.evaluate` runs it:
 the jitted `evaluate._confusion_step` (eval-mode forward of one head, argmax,
 `metrics.confusion_matrix` at label resolution) on a batch already on the
-devices (sharded over `evaluate.local_mesh()`), plus fetching the small confusion
+devices (sharded over `sharding.local_mesh()`), plus fetching the small confusion
 matrix to the host. Decoding and normalising images is not included.
 
 Default sizes: Cityscapes/IDD full resolution 1024x2048, CamVid 360x480,
@@ -35,9 +35,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import common as config_common  # noqa: E402
-from usss_jax import evaluate, train  # noqa: E402
+from usss_jax import evaluate, sharding, train_step  # noqa: E402
 
-IGNORE_LABEL = 255
+from usss_jax.data.base import IGNORE_LABEL  # noqa: E402
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def make_model(args):
   config.encoder = args.encoder
   config.encoder_channels = tuple(int(v) for v in args.encoder_channels.split(",") if v)
   config.dtype = args.dtype
-  return train.make_model(config, (args.classes,))
+  return train_step.make_model(config, (args.classes,))
 
 
 def measure_size(args, hw: tuple[int, int]) -> dict:
@@ -90,13 +90,13 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
   model = make_model(args)
   start = time.perf_counter()
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      train.init_rng(0))
+      train_step.init_rng(0))
   variables = jax.block_until_ready(variables)
   init_s = time.perf_counter() - start
-  mesh = evaluate.local_mesh()
+  mesh = sharding.local_mesh()
   n_local = mesh.devices.size
   batch = -(-args.batch // n_local) * n_local
-  local_vars = evaluate.to_local_replicated(variables, mesh)
+  local_vars = sharding.to_local_replicated(variables, mesh)
 
   rng = np.random.default_rng(0)
   labels = rng.integers(0, args.classes, (batch, *hw), dtype=np.int32)

@@ -25,6 +25,8 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from usss_jax.data import pipeline  # noqa: E402
+from usss_jax.domains import Domain  # noqa: E402
+from usss_jax.data.demo import ensure_demo_data  # noqa: E402
 from usss_jax.data.registry import get_reader  # noqa: E402
 
 
@@ -54,16 +56,14 @@ def _examples(case: Case, shared: str, demo_root: str):
   if os.path.isdir(root):
     reader = get_reader(case.reader, root, **case.reader_kwargs)
     return reader, reader.list_examples("train"), f"shared/{case.subdir}"
-  from usss_jax.data.demo import ensure_demo_data  # pylint: disable=g-import-not-at-top
   path = ensure_demo_data(demo_root)[case.demo_domain]
   reader = get_reader("folder", path)
   return reader, reader.list_examples("train"), f"demo/{case.demo_domain} upscaled"
 
 
 def _measure(case, reader, examples, batch, steps, warmup, workers) -> dict:
-  domain = pipeline.DomainStreamConfig(
-      name=case.name, labeled=examples, unlabeled=examples, reader=reader,
-      crop_hw=case.crop_hw, resize_hw=case.resize_hw)
+  domain = Domain(name=case.name, labeled=examples, unlabeled=examples, reader=reader,
+                  crop_hw=case.crop_hw, resize_hw=case.resize_hw)
   with pipeline.TrainInput([domain], labeled_batch=batch, unlabeled_batch=batch, seed=0,
                            mesh=None, worker_count=workers) as it:
     start = time.perf_counter()

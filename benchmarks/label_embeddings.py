@@ -3,9 +3,9 @@
   .venv/bin/python benchmarks/label_embeddings.py [--images 4,16,64] [--json]
   .venv/bin/python benchmarks/label_embeddings.py --tiny    # quick smoke run
 
-The stage is what `embedding_stage.compute_from_model` runs: the encoder over
-every labeled image (`embedding_stage.feature_label_batches`: eval-mode forward,
-labels sampled at the feature cells), then `embeddings.compute_label_embeddings`
+The stage is what `label_embeddings.stage.compute_from_model` runs: the encoder over
+every labeled image (`stage.feature_label_batches`: eval-mode forward,
+labels sampled at the feature cells), then `stage.compute_label_embeddings`
 (streaming PCA pass + streaming centroid pass, so the images go through the
 encoder twice). The same two calls are made here, with the feature generator
 wrapped only to time each pass. Images and labels are synthetic (an in-memory
@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import common as config_common  # noqa: E402
-from usss_jax import embedding_stage, embeddings as emb_lib, train  # noqa: E402
+from usss_jax import domains, train_step  # noqa: E402
+from usss_jax.label_embeddings import stage, stats  # noqa: E402
 from usss_jax.data import base as data_base  # noqa: E402
 
 
@@ -110,20 +111,20 @@ def measure(args, num_images: int) -> dict:
   config = config_common.base_config()
   config.encoder = args.encoder
   config.encoder_channels = tuple(int(v) for v in args.encoder_channels.split(",") if v)
-  model = train.make_model(config, (args.classes,))
+  model = train_step.make_model(config, (args.classes,))
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      train.init_rng(0))
+      train_step.init_rng(0))
   variables = jax.block_until_ready(variables)
   reader = SyntheticReader(args.classes, (args.height, args.width))
-  examples = reader.examples(num_images)
+  domain = domains.Domain(name="synthetic", reader=reader, labeled=reader.examples(num_images))
 
   passes = []  # per pass: wall s, s to the first image (includes compiling), rows yielded
 
   def batches_fn():
     start = time.perf_counter()
     record = {"first_s": None, "rows": 0}
-    for features, labels in embedding_stage.feature_label_batches(
-        model, variables, reader, examples, domain=0, resize_hw=(), normalization="imagenet",
+    for features, labels in stage.feature_label_batches(
+        model, variables, domain, normalization="imagenet",
         max_pixels_per_image=args.max_pixels_per_image, seed=0):
       if record["first_s"] is None:
         record["first_s"] = time.perf_counter() - start
@@ -137,7 +138,7 @@ def measure(args, num_images: int) -> dict:
   if not args.no_tracemalloc:
     tracemalloc.start()
   cpu_start, start = time.process_time(), time.perf_counter()
-  result = emb_lib.compute_label_embeddings(batches_fn, num_classes=args.classes,
+  result = stage.compute_label_embeddings(batches_fn, num_classes=args.classes,
                                             dim=args.embedding_dim, k=1, seed=0)
   wall = time.perf_counter() - start
   cpu = time.process_time() - cpu_start
@@ -148,8 +149,8 @@ def measure(args, num_images: int) -> dict:
   rss_after = common.current_rss_bytes()
 
   feature_dim = int(result.metadata["feature_dim"])
-  accumulator_bytes = (emb_lib.StreamingMoments(feature_dim).nbytes +
-                       emb_lib.StreamingClassCentroids(args.classes, args.embedding_dim).nbytes)
+  accumulator_bytes = (stats.StreamingMoments(feature_dim).nbytes +
+                       stats.StreamingClassCentroids(args.classes, args.embedding_dim).nbytes)
   steady = [p["wall_s"] - p["first_s"] for p in passes]
   steady_images = max(num_images - 1, 0) * len(passes)
   return {

@@ -3,8 +3,8 @@
   .venv/bin/python benchmarks/train_step.py [--embedding-dim 100] [--json]
   .venv/bin/python benchmarks/train_step.py --tiny          # seconds-long smoke run
 
-The step is the project's own (`train.make_train_step` + `train.jit_train_step`
-on `pipeline.make_mesh()`), built from `configs.common.base_config()`: method
+The step is the project's own (`train_step.make_train_step` + `train_step.jit_train_step`
+on `sharding.make_mesh()`), built from `configs.common.base_config()`: method
 "full" with alpha = beta = 1, DRN-D-22, two domains (19 and 26 classes), per
 domain 2 labeled + 2 unlabeled 256x512 images, random label embeddings. Inputs
 are random and placed on the devices (batch-sharded) before timing, so this is
@@ -36,8 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import common as config_common  # noqa: E402
-from usss_jax import embedding_stage, train  # noqa: E402
-from usss_jax.data import pipeline  # noqa: E402
+from usss_jax import config as config_lib  # noqa: E402
+from usss_jax import sharding, train_step  # noqa: E402
+from usss_jax.label_embeddings import store  # noqa: E402
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--labeled", type=int, default=2, help="labeled images per domain")
   parser.add_argument("--unlabeled", type=int, default=2, help="unlabeled images per domain")
-  parser.add_argument("--method", default="full", choices=train.METHODS)
+  parser.add_argument("--method", default="full", choices=config_lib.METHODS)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--conv-weight-grad", default="auto", choices=("auto", "xla", "taps"),
                       help="how convolutions compute kernel gradients (usss_jax.models.layers)")
@@ -117,28 +118,28 @@ def random_batch(args, names, spec, sharding, seed: int = 0) -> dict:
 def run(args) -> dict:
   info = common.machine_info()
   config = make_config(args)
-  train.validate_config(config)
+  config_lib.validate_config(config)
   names = tuple(config.domain_names)
-  spec = train.loss_spec_from_config(config)
-  model = train.make_model(config, args.classes)
-  tx, _ = train.make_optimizer(config)
-  mesh = pipeline.make_mesh(args.devices)
+  spec = config_lib.loss_spec_from_config(config)
+  model = train_step.make_model(config, args.classes)
+  tx, _ = train_step.make_optimizer(config)
+  mesh = sharding.make_mesh(args.devices)
   replicated = NamedSharding(mesh, P())
 
   label_embeddings = tuple(
-      embedding_stage.random_embeddings(c, int(config.embeddings_per_class), args.embedding_dim,
+      store.random_embeddings(c, int(config.embeddings_per_class), args.embedding_dim,
                                         config.seed + i) for i, c in enumerate(args.classes))
   start = time.perf_counter()
-  init_fn = functools.partial(train.init_state, model, tx, input_hw=(args.height, args.width),
+  init_fn = functools.partial(train_step.init_state, model, tx, input_hw=(args.height, args.width),
                               label_embeddings=label_embeddings)
   state = jax.block_until_ready(
-      jax.jit(init_fn, out_shardings=replicated)(train.init_rng(config.seed)))
+      jax.jit(init_fn, out_shardings=replicated)(train_step.init_rng(config.seed)))
   init_s = time.perf_counter() - start
   num_params = common.tree_nbytes(state["params"]) // 4
   batch = random_batch(args, names, spec, NamedSharding(mesh, P("data")))
   jax.block_until_ready(batch)
 
-  jitted = train.jit_train_step(train.make_train_step(model, tx, spec, names), mesh)
+  jitted = train_step.jit_train_step(train_step.make_train_step(model, tx, spec, names), mesh)
   start = time.perf_counter()
   lowered = jitted.lower(state, batch)
   lower_s = time.perf_counter() - start

@@ -1,8 +1,11 @@
 """Defaults shared by every experiment config (the paper's recipe)."""
 
+import dataclasses
 import os
 
 import ml_collections
+
+from usss_jax.data import strong_augment
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Real dataset roots: USSS_DATA_ROOT, else ../shared/data beside the project (internal samples).
@@ -12,7 +15,7 @@ DATA_ROOT = os.environ.get("USSS_DATA_ROOT",
 
 def domain(dataset: str, root: str, *, crop, train_split="train", eval_split="val",
            resize=(), eval_resize=(), scale_range=(1.0, 1.0), flip=True, generate_demo=False,
-           **options) -> ml_collections.ConfigDict:
+           holdout=0, **options) -> ml_collections.ConfigDict:
   """One domain: which reader, where its data lives and how its crops are made.
 
   Args:
@@ -23,18 +26,20 @@ def domain(dataset: str, root: str, *, crop, train_split="train", eval_split="va
     eval_resize: (h, w) the network sees at evaluation; logits are resized back, so
       the metric is always at label resolution; () = full resolution.
     generate_demo: write the embedded demo data to `root`'s parent on first use.
+    holdout: training images set aside (fixed seed, the same for every run) as validation
+      data; they leave the labeled/unlabeled pools, and eval_split="holdout" evaluates on them.
     **options: passed to the reader (e.g. CamVid's `list_suffix`).
   """
   return ml_collections.ConfigDict(dict(
       dataset=dataset, root=root, train_split=train_split, eval_split=eval_split,
       crop=tuple(crop), resize=tuple(resize), eval_resize=tuple(eval_resize),
       scale_range=tuple(scale_range), flip=flip, generate_demo=generate_demo,
-      options=ml_collections.ConfigDict(options)))
+      holdout=holdout, options=ml_collections.ConfigDict(options)))
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # single | basic | cross | full | ser (see usss_jax/train.py: METHODS).
+  # single | basic | cross | full | ser | consistency | universal (usss_jax/config.py: METHODS).
   c.method = "full"
   c.alpha = 1.0        # weight of the cross-domain entropy
   c.beta = 1.0         # weight of the within-domain entropy
@@ -58,9 +63,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.conv_weight_grad = "auto"  # auto | xla | taps: how convs compute kernel gradients (speed only)
 
   # Entropy module options (defaults = reference).
-  c.temperature = 1.0
-  c.normalize_pixels = False
+  c.alignment = "reference"   # reference (the paper's code) | infomax (cosine, E[H] - H(E[p]))
+  c.temperature = 1.0         # scores are divided by it (infomax: cosine / temperature)
+  c.normalize_pixels = False  # reference alignment only: cosine instead of the dot product
+  c.alignment_threshold = 0.0  # infomax: pixels less confident than this leave E[H(p)]
+  c.prototype_loss_weight = 0.0  # cross entropy of labeled pixels' prototype scores
   c.prototype_reduction = "none"  # none | max | logsumexp (for K > 1)
+
+  # Weak-to-strong consistency (methods consistency, universal): pseudo-labels of the weak
+  # view (the training crop) supervise the strong view (same crop, photometric noise, CutMix
+  # within the domain's batch) where their confidence reaches the threshold.
+  c.consistency = ml_collections.ConfigDict(dict(
+      weight=1.0,
+      threshold=0.95,
+      teacher="student",  # student (the model, train-mode BN) | ema (EMA weights, eval BN)
+      ema_decay=0.99,
+  ))
+  c.strong_augment = ml_collections.ConfigDict(
+      dataclasses.asdict(strong_augment.StrongAugmentConfig()))  # data/strong_augment.py
 
   # Label embeddings (paper supplementary B.1).
   c.label_embeddings = ml_collections.ConfigDict(dict(
@@ -89,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
+  c.collapse_threshold = 1e-3  # warn when an unsupervised entropy / diversity falls below it
   c.eval_batch = 2
   c.eval_max_examples = -1     # -1: the whole split
   c.miou_convention = "standard"  # standard (absent classes excluded) | reference (count as 0)

@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 
+from helpers import tiny_demo_config
+from test_loop import data_root  # noqa: F401  (fixture)
 from usss_jax import ablation
-from usss_jax import embeddings as emb_lib
-
-from test_loop import tiny_demo_config, data_root  # noqa: F401  (fixture)
+from usss_jax.label_embeddings import store
 
 
 def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
@@ -23,8 +23,9 @@ def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
     assert all(0 <= v <= 1 for v in results[method]["0"].values())
   # full used the embeddings computed from the single-source encoders (copied, not recomputed).
   for name in ("street", "indoor"):
-    shared = emb_lib.LabelEmbeddings.load(str(tmp_path / "seed0" / "label_embeddings" / f"{name}.npz"))
-    used = emb_lib.LabelEmbeddings.load(
+    shared = store.LabelEmbeddings.load(
+        str(tmp_path / "seed0" / "label_embeddings" / f"{name}.npz"))
+    used = store.LabelEmbeddings.load(
         str(tmp_path / "seed0" / "full" / "label_embeddings" / f"{name}.npz"))
     np.testing.assert_array_equal(shared.embeddings, used.embeddings)
     assert "single-source run" in shared.source

@@ -1,4 +1,4 @@
-"""Tests of usss_jax.embeddings against float64 NumPy references."""
+"""Tests of usss_jax.label_embeddings (stats, kmeans, store, the two-pass driver, ema) against float64 NumPy references."""
 
 import os
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usss_jax import embeddings as emb
+from usss_jax.label_embeddings import ema, kmeans, stage, stats, store
 
 
 def _canonical(components):
@@ -54,7 +54,7 @@ def _split(x, sizes):
 def test_moments_match_numpy_for_any_split(sizes):
   rng = np.random.default_rng(0)
   x = _anisotropic_data(rng, 1000, 6)
-  moments = emb.StreamingMoments()
+  moments = stats.StreamingMoments()
   for chunk in _split(x, sizes):
     moments.update(chunk)
   assert moments.count == 1000
@@ -67,7 +67,7 @@ def test_moments_match_numpy_for_any_split(sizes):
 def test_moments_stable_with_large_offset():
   rng = np.random.default_rng(1)
   x = _anisotropic_data(rng, 2000, 5, offset=1e8)
-  moments = emb.StreamingMoments()
+  moments = stats.StreamingMoments()
   for chunk in _split(x, [3, 1500, 1, 496]):
     moments.update(chunk.astype(np.float64))
   reference = np.cov(x, rowvar=False)
@@ -75,9 +75,9 @@ def test_moments_stable_with_large_offset():
   np.testing.assert_allclose(moments.covariance(), reference, rtol=1e-10, atol=1e-10)
   # The naive sum / sum-of-squares formula fails here, so the check above has teeth.
   # Shards with different reference points merge to the same result.
-  shard_a = emb.StreamingMoments().update(x[:700])
-  shard_b = emb.StreamingMoments().update(x[700:] + 0.0)
-  merged = emb.StreamingMoments().merge(shard_a).merge(shard_b)
+  shard_a = stats.StreamingMoments().update(x[:700])
+  shard_b = stats.StreamingMoments().update(x[700:] + 0.0)
+  merged = stats.StreamingMoments().merge(shard_a).merge(shard_b)
   np.testing.assert_allclose(merged.covariance(), reference, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(merged.mean, x.mean(axis=0), rtol=1e-14)
   naive = (x.T @ x - np.outer(x.sum(0), x.sum(0)) / len(x)) / (len(x) - 1)
@@ -88,30 +88,30 @@ def test_moments_mask_merge_and_errors():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((300, 4)) + 5.0
   mask = rng.random(300) < 0.6
-  a = emb.StreamingMoments().update(x[:100], mask[:100])
-  b = emb.StreamingMoments().update(x[100:], mask[100:])
-  merged = a.merge(b).merge(emb.StreamingMoments())
+  a = stats.StreamingMoments().update(x[:100], mask[:100])
+  b = stats.StreamingMoments().update(x[100:], mask[100:])
+  merged = a.merge(b).merge(stats.StreamingMoments())
   assert merged.count == mask.sum()
   np.testing.assert_allclose(merged.mean, x[mask].mean(0), atol=1e-12)
   np.testing.assert_allclose(merged.covariance(), np.cov(x[mask], rowvar=False), rtol=1e-10)
   # Merging into an empty accumulator copies.
-  empty = emb.StreamingMoments().merge(merged)
+  empty = stats.StreamingMoments().merge(merged)
   np.testing.assert_array_equal(empty.covariance(), merged.covariance())
   with pytest.raises(ValueError, match="3 columns, expected 4"):
     merged.update(np.zeros((2, 3)))
   with pytest.raises(ValueError, match="NaN or Inf"):
-    emb.StreamingMoments().update(np.array([[1.0, np.nan]]))
+    stats.StreamingMoments().update(np.array([[1.0, np.nan]]))
   with pytest.raises(ValueError, match="mask must be a bool"):
-    emb.StreamingMoments().update(np.zeros((3, 2)), np.ones(3))
+    stats.StreamingMoments().update(np.zeros((3, 2)), np.ones(3))
   with pytest.raises(ValueError, match="needs more than 1 rows"):
-    emb.StreamingMoments().update(np.zeros((1, 2))).covariance()
+    stats.StreamingMoments().update(np.zeros((1, 2))).covariance()
   with pytest.raises(ValueError, match="2-D"):
-    emb.StreamingMoments().update(np.zeros((2, 3, 4)))
+    stats.StreamingMoments().update(np.zeros((2, 3, 4)))
 
 
 def test_moments_memory_is_flat():
   rng = np.random.default_rng(3)
-  moments = emb.StreamingMoments()
+  moments = stats.StreamingMoments()
   moments.update(rng.standard_normal((50, 8)))
   after_one = moments.nbytes
   for _ in range(100):
@@ -126,10 +126,10 @@ def test_moments_memory_is_flat():
 def test_pca_matches_eigh_and_svd():
   rng = np.random.default_rng(4)
   x = _anisotropic_data(rng, 800, 7, offset=3.0)
-  moments = emb.StreamingMoments()
+  moments = stats.StreamingMoments()
   for chunk in _split(x, [5, 300, 495]):
     moments.update(chunk)
-  pca = emb.pca_from_moments(moments, 4)
+  pca = stats.pca_from_moments(moments, 4)
   mean, components, variances = _reference_pca(x, 4)
   np.testing.assert_allclose(pca.mean, mean, atol=1e-12)
   np.testing.assert_allclose(pca.components, components, atol=1e-10)
@@ -154,13 +154,13 @@ def test_pca_matches_eigh_and_svd():
 
 
 def test_pca_dim_errors():
-  moments = emb.StreamingMoments().update(np.random.default_rng(5).standard_normal((20, 3)))
+  moments = stats.StreamingMoments().update(np.random.default_rng(5).standard_normal((20, 3)))
   with pytest.raises(ValueError, match=r"PCA dim must be in \[1, 3\].*got 4"):
-    emb.pca_from_moments(moments, 4)
+    stats.pca_from_moments(moments, 4)
   with pytest.raises(ValueError, match="got 0"):
-    emb.pca_from_moments(moments, 0)
+    stats.pca_from_moments(moments, 0)
   with pytest.raises(ValueError, match="seen no rows"):
-    emb.pca_from_moments(emb.StreamingMoments(), 1)
+    stats.pca_from_moments(stats.StreamingMoments(), 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ def test_class_centroids_match_group_mean_and_skip_ignore():
   x = _anisotropic_data(rng, 600, 6, offset=2.0)
   labels = rng.integers(0, 4, 600)
   labels[rng.random(600) < 0.2] = 255
-  pca = emb.pca_from_moments(emb.StreamingMoments().update(x), 3)
-  accumulator = emb.StreamingClassCentroids(4, 3)
+  pca = stats.pca_from_moments(stats.StreamingMoments().update(x), 3)
+  accumulator = stats.StreamingClassCentroids(4, 3)
   for z_chunk, y_chunk in zip(_split(pca.transform(x), [1, 99, 500]), _split(labels, [1, 99, 500])):
     accumulator.update(z_chunk, y_chunk)
   z = pca.transform(x)
@@ -182,15 +182,15 @@ def test_class_centroids_match_group_mean_and_skip_ignore():
   np.testing.assert_array_equal(accumulator.counts, [np.sum(labels == c) for c in range(4)])
   assert accumulator.missing_classes == ()
   # Merge of two halves == one pass.
-  half_a = emb.StreamingClassCentroids(4, 3).update(z[:300], labels[:300])
-  half_b = emb.StreamingClassCentroids(4, 3).update(z[300:], labels[300:])
+  half_a = stats.StreamingClassCentroids(4, 3).update(z[:300], labels[:300])
+  half_b = stats.StreamingClassCentroids(4, 3).update(z[300:], labels[300:])
   np.testing.assert_allclose(half_a.merge(half_b).centroids(), expected, atol=1e-12)
 
 
 def test_class_centroids_missing_class_policies():
   z = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [9.0, 9.0]])
   labels = np.array([0, 0, 2, 7])  # class 1 has no pixels; 7 is the ignore label here
-  accumulator = emb.StreamingClassCentroids(3, 2).update(z, labels, ignore_label=7)
+  accumulator = stats.StreamingClassCentroids(3, 2).update(z, labels, ignore_label=7)
   assert accumulator.missing_classes == (1,)
   with pytest.warns(UserWarning, match=r"classes \[1\]"):
     rows = accumulator.centroids(seed=3)
@@ -211,7 +211,7 @@ def test_class_centroids_missing_class_policies():
 
 def test_class_centroids_memory_is_flat():
   rng = np.random.default_rng(7)
-  accumulator = emb.StreamingClassCentroids(5, 4)
+  accumulator = stats.StreamingClassCentroids(5, 4)
   accumulator.update(rng.standard_normal((10, 4)), rng.integers(0, 5, 10))
   after_one = accumulator.nbytes
   for _ in range(50):
@@ -243,7 +243,7 @@ def test_kmeans_recovers_separated_clusters_per_class():
   labels = np.repeat([0, 1], 600)
   order = rng.permutation(len(z))
   z, labels = z[order], labels[order]
-  accumulator = emb.StreamingClassKMeans(2, 3, 3, max_samples_per_class=400, seed=0)
+  accumulator = kmeans.StreamingClassKMeans(2, 3, 3, max_samples_per_class=400, seed=0)
   for z_chunk, y_chunk in zip(np.array_split(z, 7), np.array_split(labels, 7)):
     accumulator.update(z_chunk, y_chunk)
   rows = accumulator.centroids()
@@ -256,8 +256,8 @@ def test_kmeans_deterministic_for_seed_and_sorted_by_size():
   rng = np.random.default_rng(9)
   x = np.concatenate([_clusters(rng, [[0.0, 0.0]], 30), _clusters(rng, [[4.0, 0.0]], 90),
                       _clusters(rng, [[0.0, 4.0]], 60)])
-  a = emb.kmeans(x, 3, seed=[1, 2])
-  np.testing.assert_array_equal(a, emb.kmeans(x, 3, seed=[1, 2]))
+  a = kmeans.kmeans(x, 3, seed=[1, 2])
+  np.testing.assert_array_equal(a, kmeans.kmeans(x, 3, seed=[1, 2]))
   # Largest cluster first.
   _match_rows(a, np.array([[4.0, 0.0], [0.0, 4.0], [0.0, 0.0]]), atol=0.05)
   np.testing.assert_allclose(a[0], x[30:120].mean(0), atol=1e-12)
@@ -266,7 +266,7 @@ def test_kmeans_deterministic_for_seed_and_sorted_by_size():
   labels = rng.integers(0, 2, len(x))
   outputs = []
   for _ in range(2):
-    accumulator = emb.StreamingClassKMeans(2, 2, 2, max_samples_per_class=50, seed=11)
+    accumulator = kmeans.StreamingClassKMeans(2, 2, 2, max_samples_per_class=50, seed=11)
     for z_chunk, y_chunk in zip(np.array_split(x, 4), np.array_split(labels, 4)):
       accumulator.update(z_chunk, y_chunk)
     outputs.append(accumulator.centroids())
@@ -275,9 +275,9 @@ def test_kmeans_deterministic_for_seed_and_sorted_by_size():
 
 def test_kmeans_fewer_distinct_rows_than_k_duplicates():
   x = np.array([[1.0, 1.0], [0.0, 2.0], [1.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
-  np.testing.assert_array_equal(emb.kmeans(x, 5),
+  np.testing.assert_array_equal(kmeans.kmeans(x, 5),
                                 [[0, 2], [1, 1], [0, 2], [1, 1], [0, 2]])
-  accumulator = emb.StreamingClassKMeans(2, 2, 3, seed=0).update(x, np.zeros(5, np.int32))
+  accumulator = kmeans.StreamingClassKMeans(2, 2, 3, seed=0).update(x, np.zeros(5, np.int32))
   with pytest.warns(UserWarning, match=r"classes \[1\]"):
     rows = accumulator.centroids()
   np.testing.assert_array_equal(rows[:3], [[0, 2], [1, 1], [0, 2]])
@@ -288,7 +288,7 @@ def test_kmeans_fewer_distinct_rows_than_k_duplicates():
 
 def test_reservoir_is_bounded_uniform_and_memory_flat():
   cap = 200
-  accumulator = emb.StreamingClassKMeans(3, 1, 2, max_samples_per_class=cap, seed=5)
+  accumulator = kmeans.StreamingClassKMeans(3, 1, 2, max_samples_per_class=cap, seed=5)
   fed = np.zeros(3, np.int64)
   nbytes_when_full = None
   stream_index = 0
@@ -340,7 +340,7 @@ def _make_domain(seed=10, num_classes=4, images=6, pixels=120, features=8, missi
 
 def test_compute_label_embeddings_k1_matches_numpy():
   batches = _make_domain()
-  result = emb.compute_label_embeddings(lambda: iter(batches), num_classes=4, dim=3)
+  result = stage.compute_label_embeddings(lambda: iter(batches), num_classes=4, dim=3)
   x = np.concatenate([f for f, _ in batches]).astype(np.float64)
   y = np.concatenate([l for _, l in batches])
   x, y = x[y != 255], y[y != 255]
@@ -364,7 +364,7 @@ def test_compute_label_embeddings_k1_matches_numpy():
 def test_compute_label_embeddings_k2_matches_kmeans_reference_and_accepts_jax():
   batches = [(jnp.asarray(f), jnp.asarray(l)) for f, l in _make_domain(seed=11, missing=(2,))]
   with pytest.warns(UserWarning, match=r"classes \[2\]"):
-    result = emb.compute_label_embeddings(lambda: batches, num_classes=4, dim=3, k=2, seed=7)
+    result = stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=3, k=2, seed=7)
   x = np.concatenate([np.asarray(f) for f, _ in batches]).astype(np.float64)
   y = np.concatenate([np.asarray(l) for _, l in batches])
   x, y = x[y != 255], y[y != 255]
@@ -373,7 +373,7 @@ def test_compute_label_embeddings_k2_matches_kmeans_reference_and_accepts_jax():
   assert result.embeddings.shape == (8, 3) and result.missing_classes == (2,)
   assert result.source == "pca_kmeans"
   for c in (0, 1, 3):
-    expected = emb.kmeans(z[y == c], 2, seed=[7, 2, c])
+    expected = kmeans.kmeans(z[y == c], 2, seed=[7, 2, c])
     np.testing.assert_allclose(result.embeddings[2 * c:2 * c + 2], expected, rtol=1e-5, atol=1e-5)
   assert np.all(np.isfinite(result.embeddings[4:6]))
 
@@ -381,17 +381,17 @@ def test_compute_label_embeddings_k2_matches_kmeans_reference_and_accepts_jax():
 def test_compute_label_embeddings_input_errors():
   batches = _make_domain(images=2)
   with pytest.raises(TypeError, match="zero-argument callable"):
-    emb.compute_label_embeddings(batches, num_classes=4, dim=3)
+    stage.compute_label_embeddings(batches, num_classes=4, dim=3)
   generator = iter(batches)
   with pytest.raises(ValueError, match="second call of batches_fn yielded no labeled pixels"):
-    emb.compute_label_embeddings(lambda: generator, num_classes=4, dim=3)
+    stage.compute_label_embeddings(lambda: generator, num_classes=4, dim=3)
   with pytest.raises(ValueError, match=r"PCA dim must be in \[1, 8\]"):
-    emb.compute_label_embeddings(lambda: batches, num_classes=4, dim=9)
+    stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=9)
   with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
-    emb.compute_label_embeddings(lambda: batches, num_classes=3, dim=2)
+    stage.compute_label_embeddings(lambda: batches, num_classes=3, dim=2)
   all_ignored = [(f, np.full_like(l, 255)) for f, l in batches]
   with pytest.raises(ValueError, match="at least 2 labeled pixels"):
-    emb.compute_label_embeddings(lambda: all_ignored, num_classes=4, dim=2)
+    stage.compute_label_embeddings(lambda: all_ignored, num_classes=4, dim=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,12 +401,12 @@ def test_compute_label_embeddings_input_errors():
 def test_save_load_round_trip_is_atomic(tmp_path):
   batches = _make_domain(seed=12, images=2, missing=(1,))
   with pytest.warns(UserWarning):
-    result = emb.compute_label_embeddings(lambda: batches, num_classes=4, dim=3)
+    result = stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=3)
   path = tmp_path / "sub" / "cs_label_embeddings.npz"
   result.save(path)
   result.save(path)  # overwrite in place
   assert sorted(os.listdir(tmp_path / "sub")) == ["cs_label_embeddings.npz"]
-  loaded = emb.LabelEmbeddings.load(path)
+  loaded = store.LabelEmbeddings.load(path)
   np.testing.assert_array_equal(loaded.embeddings, result.embeddings)
   for name in ("pca_mean", "pca_components", "pca_explained_variance", "class_pixel_counts"):
     np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
@@ -422,45 +422,45 @@ def test_load_rejects_foreign_files(tmp_path):
   foreign = tmp_path / "foreign.npz"
   np.savez(foreign, embeddings=np.zeros((2, 2)))
   with pytest.raises(ValueError, match=r"foreign\.npz: not a label-embeddings file"):
-    emb.LabelEmbeddings.load(foreign)
+    store.LabelEmbeddings.load(foreign)
   garbage = tmp_path / "garbage.npz"
   garbage.write_bytes(b"not a zip")
   with pytest.raises(ValueError, match=r"garbage\.npz: cannot read"):
-    emb.LabelEmbeddings.load(garbage)
+    store.LabelEmbeddings.load(garbage)
 
 
 def test_from_external_npy_npz_and_shape_errors(tmp_path):
   vectors = np.random.default_rng(13).standard_normal((6, 5)).astype(np.float32)
   npy = tmp_path / "word2vec.npy"
   np.save(npy, vectors)
-  loaded = emb.LabelEmbeddings.from_external(npy, num_classes=3, k=2, dim=5)
+  loaded = store.LabelEmbeddings.from_external(npy, num_classes=3, k=2, dim=5)
   np.testing.assert_array_equal(loaded.embeddings, vectors)
   assert loaded.source == f"external:{npy}" and loaded.k == 2
   npz = tmp_path / "glove.npz"
   np.savez(npz, vectors=vectors)
   np.testing.assert_array_equal(
-      emb.LabelEmbeddings.from_external(npz, num_classes=6, k=1, dim=5).embeddings, vectors)
+      store.LabelEmbeddings.from_external(npz, num_classes=6, k=1, dim=5).embeddings, vectors)
   with pytest.raises(ValueError, match=r"word2vec\.npy: expected label embeddings of shape "
                      r"\(6, 4\).*got \(6, 5\)"):
-    emb.LabelEmbeddings.from_external(npy, num_classes=6, k=1, dim=4)
+    store.LabelEmbeddings.from_external(npy, num_classes=6, k=1, dim=4)
   with pytest.raises(ValueError, match=r"glove\.npz: expected .*\(8, 5\).*got \(6, 5\)"):
-    emb.LabelEmbeddings.from_external(npz, num_classes=4, k=2, dim=5)
+    store.LabelEmbeddings.from_external(npz, num_classes=4, k=2, dim=5)
   two = tmp_path / "two.npz"
   np.savez(two, a=vectors, b=vectors)
   with pytest.raises(ValueError, match=r"two\.npz: expected an 'embeddings' array.*\['a', 'b'\]"):
-    emb.LabelEmbeddings.from_external(two, num_classes=6, k=1, dim=5)
+    store.LabelEmbeddings.from_external(two, num_classes=6, k=1, dim=5)
   bad = tmp_path / "nan.npy"
   np.save(bad, np.full((6, 5), np.nan))
   with pytest.raises(ValueError, match=r"nan\.npy: label embeddings contain NaN"):
-    emb.LabelEmbeddings.from_external(bad, num_classes=6, k=1, dim=5)
+    store.LabelEmbeddings.from_external(bad, num_classes=6, k=1, dim=5)
   with pytest.raises(ValueError, match=r"vectors\.txt: .*must be a \.npy or \.npz"):
-    emb.LabelEmbeddings.from_external(tmp_path / "vectors.txt", num_classes=6, k=1, dim=5)
+    store.LabelEmbeddings.from_external(tmp_path / "vectors.txt", num_classes=6, k=1, dim=5)
   # A file written by save() is accepted too, with its shape checked.
   saved = tmp_path / "saved.npz"
-  emb.LabelEmbeddings(embeddings=vectors, num_classes=3, k=2, source="x").save(saved)
-  assert emb.LabelEmbeddings.from_external(saved, num_classes=3, k=2, dim=5).source == "x"
+  store.LabelEmbeddings(embeddings=vectors, num_classes=3, k=2, source="x").save(saved)
+  assert store.LabelEmbeddings.from_external(saved, num_classes=3, k=2, dim=5).source == "x"
   with pytest.raises(ValueError, match=r"saved\.npz: expected .*\(6, 4\)"):
-    emb.LabelEmbeddings.from_external(saved, num_classes=3, k=2, dim=4)
+    store.LabelEmbeddings.from_external(saved, num_classes=3, k=2, dim=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def _reference_ema(old, x, labels, valid, theta, k):
   return new, rows
 
 
-_ema_jit = jax.jit(emb.ema_update_centroids, static_argnames="k")
+_ema_jit = jax.jit(ema.ema_update_centroids, static_argnames="k")
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -520,9 +520,9 @@ def test_ema_update_accepts_image_shaped_inputs_and_checks_k():
   x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
   labels = rng.integers(0, 4, (2, 5, 6)).astype(np.int32)
   valid = np.ones((2, 5, 6), bool)
-  flat = emb.ema_update_centroids(old, x.reshape(-1, 3), labels.reshape(-1), valid.reshape(-1),
+  flat = ema.ema_update_centroids(old, x.reshape(-1, 3), labels.reshape(-1), valid.reshape(-1),
                                   0.5, k=1)
-  shaped = emb.ema_update_centroids(old, x, labels, valid, 0.5, k=1)
+  shaped = ema.ema_update_centroids(old, x, labels, valid, 0.5, k=1)
   np.testing.assert_array_equal(np.asarray(flat), np.asarray(shaped))
   with pytest.raises(ValueError, match="not a multiple of k=3"):
-    emb.ema_update_centroids(old, x, labels, valid, 0.5, k=3)
+    ema.ema_update_centroids(old, x, labels, valid, 0.5, k=3)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,43 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+from PIL import Image
+
+from helpers import TINY, tiny_demo_config
 from usss_jax import checkpoint as ckpt_lib
-from usss_jax import embedding_stage, embeddings as emb_lib, train
+from usss_jax import metric_writers, runtime, train, train_step
 from usss_jax.data import demo
+from usss_jax.domains import build_domains
+from usss_jax.label_embeddings import stage, store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = (4, 8, 12, 16, 20, 24, 28, 32)
-
-
-def tiny_demo_config(data_root: str, **overrides):
-  """A few-second universal run on (a small copy of) the demo data."""
-  c = common.base_config()
-  c.domain_names = ("street", "indoor")
-  for name in c.domain_names:
-    c.domains[name] = common.domain("folder", os.path.join(data_root, name), crop=(32, 48),
-                                    generate_demo=True)
-  c.method = "full"
-  c.num_labeled = 4
-  c.encoder_channels = TINY
-  c.embedding_dim = 8
-  c.learning_rate = 0.05
-  c.labeled_batch = 8
-  c.unlabeled_batch = 8
-  c.eval_batch = 8
-  c.total_steps = 8
-  c.checkpoint_every = 2
-  c.eval_every = 8
-  c.log_every = 1
-  c.eval_max_examples = 8
-  c.label_embeddings.source = "random"
-  for k, v in overrides.items():
-    target = c
-    *path, last = k.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = v
-  return c
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +39,7 @@ def _params(state):
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run_a")
-  state, results, _, _ = train.run_training(tiny_demo_config(data_root), str(workdir))
+  state, results, _ = runtime.embed_and_train(tiny_demo_config(data_root), str(workdir))
   return str(workdir), state, results
 
 
@@ -93,7 +67,7 @@ def test_run_writes_checkpoints_logs_and_evaluates(uninterrupted):
 
 def test_same_config_and_seed_give_same_numbers(uninterrupted, data_root, tmp_path):
   _, state_a, results_a = uninterrupted
-  state_b, results_b, _, _ = train.run_training(tiny_demo_config(data_root), str(tmp_path))
+  state_b, results_b, _ = runtime.embed_and_train(tiny_demo_config(data_root), str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, _params(state_a), _params(state_b))
   assert results_a["mean_miou"] == results_b["mean_miou"]
 
@@ -101,9 +75,9 @@ def test_same_config_and_seed_give_same_numbers(uninterrupted, data_root, tmp_pa
 _CHILD = """
 import sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_loop import tiny_demo_config
-from usss_jax import train
-train.run_training(tiny_demo_config({data!r}), {workdir!r})
+from helpers import tiny_demo_config
+from usss_jax import runtime
+runtime.embed_and_train(tiny_demo_config({data!r}), {workdir!r})
 """
 
 
@@ -128,7 +102,7 @@ def test_killed_run_resumes_to_identical_parameters(uninterrupted, data_root, tm
   child.wait()
   done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert done and max(done) < 8
-  state_b, results_b, _, _ = train.run_training(tiny_demo_config(data_root), str(workdir))
+  state_b, results_b, _ = runtime.embed_and_train(tiny_demo_config(data_root), str(workdir))
   assert int(state_b["step"]) == 8
   jax.tree.map(np.testing.assert_array_equal, _params(state_a), _params(state_b))
   assert results_a["mean_miou"] == results_b["mean_miou"]
@@ -163,7 +137,6 @@ def test_launch_eval_and_predict_modes(uninterrupted, data_root, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout)
   assert got["images"] == 16 and got["domain"] == "indoor"
-  from PIL import Image
   mask = np.asarray(Image.open(next(pred_dir.glob("*_mask.png"))))
   assert mask.shape == (96, 128) and mask.max() < 5
   assert len(list(pred_dir.glob("*_overlay.png"))) == 16
@@ -181,21 +154,19 @@ def test_bad_checkpoint_directory_is_a_clear_error(data_root, tmp_path):
   ckpt_dir.mkdir()
   (ckpt_dir / "notes.txt").write_text("not a checkpoint")
   with pytest.raises(ckpt_lib.CheckpointError, match=str(ckpt_dir)):
-    train.run_training(tiny_demo_config(data_root, total_steps=2), str(tmp_path))
+    runtime.embed_and_train(tiny_demo_config(data_root, total_steps=2), str(tmp_path))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, data_root, tmp_path):
-  import shutil
   workdir, _, _ = uninterrupted
   shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
   shutil.copytree(os.path.join(workdir, "splits"), tmp_path / "splits")
   config = tiny_demo_config(data_root, embedding_dim=4)
   with pytest.raises(ckpt_lib.CheckpointError, match="shape mismatch"):
-    train.run_training(config, str(tmp_path))
+    runtime.embed_and_train(config, str(tmp_path))
 
 
 def test_nan_loss_stops_with_the_step(data_root, tmp_path):
-  from usss_jax import metric_writers
   config = tiny_demo_config(data_root, learning_rate=1e12, total_steps=6, checkpoint_every=6,
                             log_every=6, method="basic")
   with pytest.raises(metric_writers.NonFiniteLossError, match=r"step [1-6]\b"):
@@ -206,18 +177,17 @@ def test_nan_loss_stops_with_the_step(data_root, tmp_path):
 
 def test_embedding_stage_matches_numpy_pca_and_centroids(data_root, tmp_path):
   config = tiny_demo_config(data_root)
-  domains = train.build_domains(config, str(tmp_path))
-  model = train.make_model(config, [d.num_classes for d in domains])
-  variables = model.init(train.init_rng(1), np.zeros((1, 32, 48, 3), np.float32), train=False)
+  domains = build_domains(config, str(tmp_path))
+  model = train_step.make_model(config, [d.num_classes for d in domains])
+  variables = model.init(train_step.init_rng(1), np.zeros((1, 32, 48, 3), np.float32),
+                         train=False)
   dom = domains[0]
-  got = embedding_stage.compute_from_model(
-      model, variables, dom.reader, dom.labeled, domain=0, num_classes=dom.num_classes, k=1,
-      dim=6, resize_hw=(), normalization="imagenet", max_pixels_per_image=10**9, seed=0)
+  got = stage.compute_from_model(model, variables, dom, k=1, dim=6, normalization="imagenet",
+                                 max_pixels_per_image=10**9, seed=0)
   # NumPy float64 reference: every labeled cell-centre pixel, full PCA, class means.
   feats, labels = [], []
-  for f, l in embedding_stage.feature_label_batches(
-      model, variables, dom.reader, dom.labeled, domain=0, resize_hw=(),
-      normalization="imagenet", max_pixels_per_image=10**9, seed=0):
+  for f, l in stage.feature_label_batches(model, variables, dom, normalization="imagenet",
+                                          max_pixels_per_image=10**9, seed=0):
     feats.append(f)
     labels.append(l)
   x = np.concatenate(feats).astype(np.float64)
@@ -233,19 +203,19 @@ def test_embedding_stage_matches_numpy_pca_and_centroids(data_root, tmp_path):
   # Saved and reloaded exactly.
   path = tmp_path / "e.npz"
   got.save(str(path))
-  np.testing.assert_array_equal(emb_lib.LabelEmbeddings.load(str(path)).embeddings, got.embeddings)
+  np.testing.assert_array_equal(store.LabelEmbeddings.load(str(path)).embeddings, got.embeddings)
 
 
 def test_pretrain_label_embedding_stage_runs_and_is_reused(data_root, tmp_path):
   config = tiny_demo_config(data_root, total_steps=2, checkpoint_every=2, eval_every=2)
   config.label_embeddings.source = "pretrain"
   config.label_embeddings.pretrain_steps = 2
-  domains = train.build_domains(config, str(tmp_path))
-  embs = train.prepare_label_embeddings(config, str(tmp_path), domains)
+  domains = build_domains(config, str(tmp_path))
+  embs = stage.prepare(config, str(tmp_path), domains)
   assert [e.shape for e in embs] == [(5, 8), (5, 8)]
   files = sorted(p.name for p in (tmp_path / "label_embeddings").glob("*.npz"))
   assert files == ["indoor.npz", "street.npz"]
   mtime = (tmp_path / "label_embeddings" / "street.npz").stat().st_mtime_ns
-  again = train.prepare_label_embeddings(config, str(tmp_path), domains)
+  again = stage.prepare(config, str(tmp_path), domains)
   np.testing.assert_array_equal(again[0], embs[0])
   assert (tmp_path / "label_embeddings" / "street.npz").stat().st_mtime_ns == mtime

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
-from usss_jax.metric_writers import (MetricWriter, NonFiniteLossError, ProgressBar,
+from usss_jax.metric_writers import (MetricWriter, NonFiniteLossError,
                                      check_finite)
 
 # --- A TFRecord / event-file reader written from the format spec, independent of the writer.
@@ -212,59 +212,3 @@ def test_check_finite():
   with pytest.raises(NonFiniteLossError, match="at step 7") as e:
     check_finite(7, {"loss": np.float32(-np.inf)})
   assert e.value.value == -np.inf
-
-
-class _FakeClock:
-
-  def __init__(self):
-    self.now = 0.0
-
-  def __call__(self) -> float:
-    return self.now
-
-
-def test_progress_bar_plain_lines():
-  stream, clock = io.StringIO(), _FakeClock()
-  bar = ProgressBar(1100, initial_step=100, every_seconds=5.0, stream=stream, clock=clock)
-  clock.now = 1.0
-  bar.update(110, {"loss": 0.5})
-  assert stream.getvalue() == ""  # within every_seconds
-  clock.now = 5.0
-  bar.update(150, {"loss": 0.25})
-  # 50 steps in 5 s -> 10 steps/s; 950 steps left -> 95 s.
-  assert stream.getvalue() == "step 150/1100 (13.6%) | 10.00 steps/s | ETA 0:01:35 | loss 0.25\n"
-  clock.now = 7.0
-  bar.update(160)
-  clock.now = 25.0
-  bar.update(550)
-  # Speed since the previous report: 400 steps in 20 s; 550 left -> 27.5 s.
-  assert stream.getvalue().splitlines()[-1] == "step 550/1100 (50.0%) | 20.00 steps/s | ETA 0:00:28"
-  clock.now = 26.0
-  bar.update(1100)  # the last step is always reported
-  assert stream.getvalue().splitlines()[-1].startswith("step 1100/1100 (100.0%) | 550.00 steps/s")
-  bar.close()
-  assert "\r" not in stream.getvalue()
-
-
-class _TTY(io.StringIO):
-
-  def isatty(self) -> bool:
-    return True
-
-
-def test_progress_bar_tty_rewrites_one_line():
-  stream, clock = _TTY(), _FakeClock()
-  bar = ProgressBar(3600 * 4, stream=stream, clock=clock)
-  clock.now = 1.0
-  bar.update(2, {"loss": 1.0})
-  clock.now = 2.0
-  bar.update(3)
-  text = stream.getvalue()
-  assert "\n" not in text
-  first, second = text.split("\r")[1:]
-  assert first == "step 2/14400 (0.0%) | 2.00 steps/s | ETA 1:59:59 | loss 1"
-  # The shorter second line pads over the leftovers of the first.
-  assert second.rstrip() == "step 3/14400 (0.0%) | 1.00 steps/s | ETA 3:59:57"
-  assert len(second) == len(first)
-  bar.close()
-  assert stream.getvalue().endswith("\n")

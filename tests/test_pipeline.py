@@ -6,11 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 from PIL import Image
 
+from usss_jax import sharding
 from usss_jax.data import pipeline
 from usss_jax.data.base import DatasetReader, DatasetSpec, Example, load_label_png
+from usss_jax.domains import Domain
 
 NUM_EXAMPLES = 10
 H, W = 12, 16
@@ -50,9 +52,8 @@ def reader(tmp_path_factory):
 
 def _domain(reader, name="tiny", num_labeled=4, crop_hw=(8, 8), unlabeled=True):
   exs = reader.list_examples("train")
-  return pipeline.DomainStreamConfig(name=name, labeled=exs[:num_labeled],
-                                     unlabeled=exs[num_labeled:] if unlabeled else [],
-                                     reader=reader, crop_hw=crop_hw)
+  return Domain(name=name, labeled=exs[:num_labeled],
+                unlabeled=exs[num_labeled:] if unlabeled else [], reader=reader, crop_hw=crop_hw)
 
 
 def _make(reader, domains=None, **kw):
@@ -131,17 +132,19 @@ def test_adding_a_domain_does_not_change_another(reader):
 
 
 def test_make_mesh_is_auto():
-  mesh = pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   assert mesh.axis_names == ("data",) and mesh.shape["data"] == 8
   assert mesh.axis_types == (AxisType.Auto,)
-  assert pipeline.make_mesh(4, data_axis="batch").shape["batch"] == 4
+  assert sharding.make_mesh(4).shape["data"] == 4
+  assert sharding.local_mesh().devices.size == 8
+  assert sharding.single_device_mesh().devices.size == 1
   with pytest.raises(ValueError, match="num_devices=9"):
-    pipeline.make_mesh(9)
+    sharding.make_mesh(9)
 
 
 def test_sharded_batches_match_unsharded(reader):
   assert jax.device_count() == 8
-  mesh = pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   sharded = _take(_make(reader, mesh=mesh, labeled_batch=8, unlabeled_batch=16), 2)
   plain = _take(_make(reader, mesh=None, labeled_batch=8, unlabeled_batch=16), 2)
   for s in sharded:
@@ -157,7 +160,7 @@ def test_sharded_batches_match_unsharded(reader):
 
 
 def test_batch_divisibility_errors(reader):
-  mesh = pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match="labeled_batch=4 .*data axis \\(8\\)"):
     _make(reader, mesh=mesh, labeled_batch=4, unlabeled_batch=8)
   with pytest.raises(ValueError, match="unlabeled_batch=12 .*data axis \\(8\\)"):
@@ -165,7 +168,7 @@ def test_batch_divisibility_errors(reader):
   with pytest.raises(ValueError, match="labeled_batch=4 .*processes \\(3\\)"):
     _make(reader, labeled_batch=4, process_index=0, process_count=3)
   with pytest.raises(ValueError, match="no data axis 'data'"):
-    _make(reader, mesh=pipeline.make_mesh(data_axis="batch"), labeled_batch=8,
+    _make(reader, mesh=Mesh(np.asarray(jax.devices()), ("batch",)), labeled_batch=8,
           unlabeled_batch=8)
 
 

@@ -43,7 +43,7 @@ def decoded_values(reader, examples):
 
 def test_registry_names_and_reexports():
   assert sorted(data.READERS) == ["camvid", "cityscapes", "folder", "idd", "idd_lite",
-                                  "sunrgbd", "sunrgbd13"]
+                                  "sunrgbd", "sunrgbd13", "tfds"]
   assert data.READERS["camvid"] is camvid.CamVidReader
   assert issubclass(data.DataError, ValueError)
   for cls in data.READERS.values():

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usss_jax.data import pipeline, tfds_builders
+from usss_jax.data import pipeline, tfds_builders, tfds_reader
 from usss_jax.data.base import DataError, DatasetReader, DatasetSpec, Example, load_label_png
 from usss_jax.data.registry import get_reader
+from usss_jax.domains import Domain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +42,9 @@ def _write_folder_dataset(root):
 
 _PREPARE_SCRIPT = textwrap.dedent("""
     import json, sys
-    from usss_jax.data import tfds_builders
+    from usss_jax.data import tfds_builders, tfds_reader
     path = tfds_builders.prepare("folder", sys.argv[1], sys.argv[2], config_name="tiny_folder")
-    reader = tfds_builders.TfdsReader(path)
+    reader = tfds_reader.TfdsReader(path)
     for ex in reader.list_examples("train"):
       reader.load_example(ex)
     print(json.dumps({"path": path, "tensorflow": "tensorflow" in sys.modules,
@@ -69,10 +70,10 @@ def prepared(tmp_path_factory):
 
 def test_round_trip_matches_reader_by_key(prepared):
   root, path = prepared
-  assert path == tfds_builders.dataset_dir(os.path.dirname(os.path.dirname(
+  assert path == tfds_reader.dataset_dir(os.path.dirname(os.path.dirname(
       os.path.dirname(path))), "tiny_folder")
   src_reader = get_reader("folder", root)
-  tf_reader = tfds_builders.TfdsReader(path)
+  tf_reader = tfds_reader.TfdsReader(path)
   assert tf_reader.spec.classes == ("road", "car", "sky")
   assert tf_reader.spec.palette == src_reader.spec.palette
   for split in ("train", "val"):
@@ -89,7 +90,7 @@ def test_round_trip_matches_reader_by_key(prepared):
 
 def test_records_are_in_hash_order_and_found_by_key(prepared):
   _, path = prepared
-  src = tfds_builders.TfdsExamples(path, "train")
+  src = tfds_reader.TfdsExamples(path, "train")
   assert sorted(src.keys) == [f"seq/f{i}" for i in range(7)]
   assert src.keys != sorted(src.keys)  # array_record order is not generation order
   for key in ("seq/f0", "seq/f5"):
@@ -99,7 +100,7 @@ def test_records_are_in_hash_order_and_found_by_key(prepared):
   # Without the keys file (dataset prepared elsewhere) the keys are scanned.
   os.rename(os.path.join(path, "keys.val.json"), os.path.join(path, "keys.val.bak"))
   try:
-    assert sorted(tfds_builders.TfdsExamples(path, "val").keys) == ["seq/f0", "seq/f1"]
+    assert sorted(tfds_reader.TfdsExamples(path, "val").keys) == ["seq/f0", "seq/f1"]
   finally:
     os.rename(os.path.join(path, "keys.val.bak"), os.path.join(path, "keys.val.json"))
 
@@ -109,7 +110,7 @@ def test_tfds_examples_as_grain_source(prepared):
   reader = get_reader("folder", root)
   expected = {ex.key: reader.load_example(ex)["label"].astype(np.int64).sum()
               for ex in reader.list_examples("train")}
-  ds = (grain.MapDataset.source(tfds_builders.TfdsExamples(path, "train"))
+  ds = (grain.MapDataset.source(tfds_reader.TfdsExamples(path, "train"))
         .map(lambda r: (r["key"], int(r["label"].astype(np.int64).sum())))
         .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
   assert dict(ds) == expected
@@ -118,9 +119,9 @@ def test_tfds_examples_as_grain_source(prepared):
 def test_train_input_from_tfds_equals_folder(prepared):
   root, path = prepared
   batches = []
-  for reader in (get_reader("folder", root), tfds_builders.TfdsReader(path)):
+  for reader in (get_reader("folder", root), tfds_reader.TfdsReader(path)):
     exs = reader.list_examples("train")
-    domain = pipeline.DomainStreamConfig("d", exs[:4], exs[4:], reader, crop_hw=(8, 8))
+    domain = Domain("d", reader, labeled=exs[:4], unlabeled=exs[4:], crop_hw=(8, 8))
     it = pipeline.TrainInput([domain], labeled_batch=2, unlabeled_batch=2, seed=0, mesh=None)
     batches.append([next(it) for _ in range(3)])
   for a, b in zip(*batches):
@@ -153,7 +154,7 @@ def test_unlabelled_examples_and_custom_reader(tmp_path):
   reader = _MixedReader(str(tmp_path))
   path = tfds_builders.prepare("mixed", str(tmp_path), str(tmp_path / "tfds"), reader=reader)
   assert os.path.basename(os.path.dirname(path)).startswith("mixed_")  # custom config
-  tf_reader = tfds_builders.TfdsReader(path)
+  tf_reader = tfds_reader.TfdsReader(path)
   assert tf_reader.spec == reader.spec
   exs = tf_reader.list_examples("train")
   assert [e.label_path is None for e in exs] == [False, False, True]
@@ -169,7 +170,7 @@ def test_errors(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     tfds_builders.prepare("folder", str(tmp_path / "missing"), str(tmp_path / "out"))
   with pytest.raises(DataError, match="not a prepared TFDS dataset"):
-    tfds_builders.TfdsReader(str(tmp_path))
+    tfds_reader.TfdsReader(str(tmp_path))
 
 
 def test_real_camvid_val_round_trip(shared_data_dir, tmp_path):
@@ -177,7 +178,7 @@ def test_real_camvid_val_round_trip(shared_data_dir, tmp_path):
   path = tfds_builders.prepare("camvid", root, str(tmp_path), splits=("val",),
                                list_suffix=".subset")
   reader = get_reader("camvid", root, list_suffix=".subset")
-  tf_reader = tfds_builders.TfdsReader(path)
+  tf_reader = tfds_reader.TfdsReader(path)
   assert tf_reader.spec == reader.spec and tf_reader.splits() == ["val"]
   originals = reader.list_examples("val")
   served = tf_reader.list_examples("val")
@@ -194,7 +195,7 @@ def test_reader_options_get_their_own_config(prepared, tmp_path):
   path = tfds_builders.prepare("folder", root, str(tmp_path), splits=("val",),
                                spec_name="streetish")
   assert os.path.basename(os.path.dirname(path)).startswith("folder_")
-  tf_reader = tfds_builders.TfdsReader(path)
+  tf_reader = tfds_reader.TfdsReader(path)
   assert tf_reader.spec.name == "streetish" and tf_reader.splits() == ["val"]
   with pytest.raises(ValueError, match="reserved"):
     tfds_builders.prepare("folder", root, str(tmp_path), config_name="folder", spec_name="x")

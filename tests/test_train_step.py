@@ -7,33 +7,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from configs import common
-from usss_jax import losses, train
+from helpers import TINY, tiny_synthetic_config
+from usss_jax import config as config_lib
+from usss_jax import convert, losses, sharding, train_step
+from usss_jax.models import drn
 
-TINY = (4, 8, 12, 16, 20, 24, 28, 32)
 NAMES = ("a", "b")
 CLASSES = (3, 4)
 HW = (16, 24)
 
 
 def tiny_config(method="full", **overrides) -> ml_collections.ConfigDict:
-  c = common.base_config()
-  c.method = method
-  c.domain_names = NAMES
-  for n in NAMES:
-    c.domains[n] = common.domain("folder", "/nonexistent", crop=HW)
-  c.encoder_channels = TINY
-  c.embedding_dim = 6
-  c.learning_rate = 0.05
-  c.total_steps = 10
-  c.labeled_batch = 8
-  c.unlabeled_batch = 8
-  c.eval_batch = 8
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return tiny_synthetic_config(NAMES, HW, method, **overrides)
 
 
 def make_batch(seed=0, b=8):
@@ -49,13 +35,13 @@ def make_batch(seed=0, b=8):
 
 
 def build(config, seed=0):
-  model = train.make_model(config, CLASSES)
-  tx, _ = train.make_optimizer(config)
-  spec = train.loss_spec_from_config(config)
+  model = train_step.make_model(config, CLASSES)
+  tx, _ = train_step.make_optimizer(config)
+  spec = config_lib.loss_spec_from_config(config)
   rng = np.random.default_rng(42)
   embs = [rng.normal(size=(c, config.embedding_dim)).astype(np.float32) for c in CLASSES]
-  state = train.init_state(model, tx, train.init_rng(seed), HW, embs)
-  step = train.make_train_step(model, tx, spec, NAMES)
+  state = train_step.init_state(model, tx, train_step.init_rng(seed), HW, embs)
+  step = train_step.make_train_step(model, tx, spec, NAMES)
   return model, state, step
 
 
@@ -63,7 +49,7 @@ def copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(np.asarray(x)), tree)
 
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", config_lib.METHODS)
 def test_loss_composition(method):
   config = tiny_config(method, alpha=2.0, beta=3.0, ser_weight=0.5)
   model, state, step = build(config)
@@ -85,7 +71,7 @@ def test_loss_composition(method):
     # The entropy terms are those of the loss functions on the model's embeddings.
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     emb = model.apply(variables, jnp.asarray(batch["a"]["unlabeled"]["image"]), train=True,
-                      domain=0, logits=False, embedding=True, mutable=["batch_stats"])[0]
+                      head=0, logits=False, embedding=True, mutable=["batch_stats"])[0]
     assert np.isfinite(float(losses.within_domain_entropy(emb["embedding"],
                                                           state["label_embeddings"], 0)))
   else:  # ser
@@ -116,10 +102,10 @@ def test_sharded_step_equals_single_device():
   assert jax.device_count() == 8
   config = tiny_config("full")
   model, state, step = build(config)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  sharded_step = train.jit_train_step(step, mesh)
+  mesh = sharding.make_mesh()
+  sharded_step = train_step.jit_train_step(step, mesh)
   single_step = jax.jit(step)
-  s_state = jax.device_put(copy_tree(state), NamedSharding(mesh, P()))
+  s_state = jax.device_put(copy_tree(state), sharding.replicated(mesh))
   u_state = jax.device_put(copy_tree(state), jax.devices()[0])
 
   def rel_diff(x, y):
@@ -128,7 +114,7 @@ def test_sharded_step_equals_single_device():
 
   for i in range(3):
     b = make_batch(i)
-    s_state, s_m = sharded_step(s_state, jax.device_put(b, NamedSharding(mesh, P("data"))))
+    s_state, s_m = sharded_step(s_state, jax.device_put(b, sharding.batch_sharded(mesh)))
     u_state, u_m = single_step(u_state, jax.device_put(b, jax.devices()[0]))
     np.testing.assert_allclose(s_m["loss"], u_m["loss"], rtol=1e-4)
     if i == 0:
@@ -185,8 +171,8 @@ def test_ema_updates_label_embeddings():
 def test_bad_config_values(key, value, match):
   config = tiny_config("single" if key == "single_domain" else "full")
   config[key] = value
-  with pytest.raises(train.ConfigError, match=match):
-    train.validate_config(config)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate_config(config)
 
 
 def test_unknown_config_key_is_an_error():
@@ -198,7 +184,7 @@ def test_unknown_config_key_is_an_error():
 
 def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
   import optax
-  ours = jax.jit(train.poly_schedule(0.01, 0.9, 100))
+  ours = jax.jit(train_step.poly_schedule(0.01, 0.9, 100))
   ref = optax.polynomial_schedule(0.01, 0.0, 0.9, 100)
   for t in (0, 1, 37, 99):
     np.testing.assert_allclose(ours(t), ref(t), rtol=1e-5)
@@ -207,8 +193,6 @@ def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
 
 
 def test_pretrained_encoder_weights_are_loaded(tmp_path):
-  from usss_jax import convert
-  from usss_jax.models import drn
   config = tiny_config("basic")
   model, state, _ = build(config)
   encoder = drn.make_encoder(config.encoder, TINY)
@@ -219,7 +203,7 @@ def test_pretrained_encoder_weights_are_loaded(tmp_path):
   path = tmp_path / "drn_tiny.npz"
   np.savez(path, **torch_sd)
   config.pretrained = str(path)
-  loaded = train.load_pretrained_encoder(config, model, state)
+  loaded = train_step.load_pretrained_encoder(config, model, state)
   np.testing.assert_array_equal(loaded["params"]["encoder"]["layer0"]["0"]["kernel"],
                                 source["params"]["layer0"]["0"]["kernel"])
   np.testing.assert_array_equal(loaded["batch_stats"]["encoder"]["layer8"]["1"]["var"],

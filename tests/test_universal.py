@@ -105,7 +105,7 @@ def test_output_shapes_for_any_number_of_domains(num_classes):
   model = UniversalSegmenter(encoder_channels=TINY_CHANNELS, num_classes=num_classes,
                              embedding_dim=6)
   shape = (2, 21, 30, 3)  # not a multiple of 8
-  variables = _abstract_init(model, shape, domain=0)
+  variables = _abstract_init(model, shape, head=0)
   heads = sorted(k for k in variables["params"] if k.startswith("head_"))
   assert heads == [f"head_{d}" for d in range(len(num_classes))]
   for d, c in enumerate(num_classes):
@@ -113,7 +113,7 @@ def test_output_shapes_for_any_number_of_domains(num_classes):
   assert variables["params"]["embedding"]["kernel"].shape == (1, 1, 32, 6)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   for d, c in enumerate(num_classes):
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, domain=d), variables, x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, head=d), variables, x)
     assert set(out) == {"logits"} and out["logits"].shape == (2, 21, 30, c)
   out = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=False, embedding=True, features=True), variables, x)
@@ -139,7 +139,7 @@ def two_domain_model():
   x = np.random.default_rng(1).normal(size=(2, 21, 30, 3)).astype(np.float32)
   # init only asks for head 0, yet every head and the embedding conv must exist afterwards.
   variables = jax.jit(
-      lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False, domain=0))(x)
+      lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False, head=0))(x)
   return model, variables, x
 
 
@@ -159,7 +159,7 @@ def test_heads_and_embedding_are_wired_to_the_encoder_features(two_domain_model)
     assert got.shape == manual.shape == (2, 21, 30, p["bias"].shape[0])
     assert rel_err(got, manual) <= 1e-5, name
   # Selecting a domain returns that head only, identical to the all-heads output.
-  single = model.apply(variables, x, train=False, domain=1)
+  single = model.apply(variables, x, train=False, head=1)
   assert set(single) == {"logits"}
   np.testing.assert_allclose(single["logits"], out["logits"][1], rtol=1e-6, atol=1e-6)
   # logits=False: only what was asked for.
@@ -169,33 +169,33 @@ def test_heads_and_embedding_are_wired_to_the_encoder_features(two_domain_model)
 
 def test_train_mode_updates_encoder_batch_stats(two_domain_model):
   model, variables, x = two_domain_model
-  out, updates = model.apply(variables, x, train=True, domain=0, embedding=True,
+  out, updates = model.apply(variables, x, train=True, head=0, embedding=True,
                              mutable=["batch_stats"])
   assert out["logits"].shape == (2, 21, 30, 5) and out["embedding"].shape == (2, 21, 30, 6)
   counters = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
               if path[-1].key == "num_batches_tracked"]
   assert len(counters) == 25 and all(int(c) == 1 for c in counters)
   with pytest.raises(Exception, match="batch_stats"):  # train mode needs a mutable collection
-    model.apply(variables, x, train=True, domain=0)
+    model.apply(variables, x, train=True, head=0)
 
 
 def test_bfloat16_compute_is_finite_and_close(two_domain_model):
   model, variables, x = two_domain_model
   model_bf16 = model.clone(dtype=jnp.bfloat16)
-  ref = model.apply(variables, x, train=False, domain=1, embedding=True)
-  out = model_bf16.apply(variables, x, train=False, domain=1, embedding=True)
+  ref = model.apply(variables, x, train=False, head=1, embedding=True)
+  out = model_bf16.apply(variables, x, train=False, head=1, embedding=True)
   for key in ("logits", "embedding"):
     assert out[key].dtype == jnp.bfloat16
     assert bool(jnp.isfinite(out[key]).all())
     assert rel_err(out[key], ref[key]) < 0.1, key
-  _, updates = model_bf16.apply(variables, x, train=True, domain=0, mutable=["batch_stats"])
+  _, updates = model_bf16.apply(variables, x, train=True, head=0, mutable=["batch_stats"])
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(updates))
 
 
 def test_invalid_requests_raise(two_domain_model):
   model, variables, x = two_domain_model
-  with pytest.raises(ValueError, match="domain 2 out of range"):
-    model.apply(variables, x, train=False, domain=2)
+  with pytest.raises(ValueError, match="head 2 out of range"):
+    model.apply(variables, x, train=False, head=2)
   no_embedding = UniversalSegmenter(encoder_channels=TINY_CHANNELS, num_classes=(5, 3),
                                     embedding_dim=0)
   shapes = _abstract_init(no_embedding, (1, 8, 8, 3))

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Sequence
 
@@ -37,9 +36,13 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from usss_jax import embedding_stage, train
+from usss_jax import config as config_lib
+from usss_jax import files, runtime
+from usss_jax.analysis import plots
+from usss_jax.data import registry
+from usss_jax.label_embeddings import stage
 
-METHOD_ORDER = ("single", "basic", "cross", "full", "ser")
+METHOD_ORDER = config_lib.METHODS
 
 
 def _run_config(config, method: str, seed: int, **overrides) -> ml_collections.ConfigDict:
@@ -66,7 +69,7 @@ def _train(config, workdir: str) -> dict:
   if cached is not None:
     return cached
   start = time.time()
-  state, results, model, domains = train.run_training(config, workdir)
+  _, results, domains = runtime.embed_and_train(config, workdir)
   summary = {
       "mean_miou": results["mean_miou"],
       "domains": {d.name: {"miou": results[d.name]["miou"], "iou": results[d.name]["iou"]}
@@ -74,7 +77,7 @@ def _train(config, workdir: str) -> dict:
       "wall_seconds": time.time() - start,
       "steps": int(config.total_steps),
   }
-  train._write_json_atomic(os.path.join(workdir, "final_eval.json"), summary)
+  files.write_json(os.path.join(workdir, "final_eval.json"), summary)
   return summary
 
 
@@ -82,10 +85,9 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
   """Label embeddings of `source` from the encoder of its single-source run."""
   if os.path.exists(out_path):
     return
-  from usss_jax import runtime
-  model, variables, domains, _ = runtime.restore_model(config, workdir, which="latest")
+  model, state, domains, _ = runtime.restore_state(config, workdir, which="latest")
   dom = next(d for d in domains if d.name == source)
-  computed = embedding_stage.compute_for_domain(config, model, variables, dom)
+  computed = stage.compute_for_domain(config, model, runtime.model_variables(state), dom)
   computed.source = f"single-source run {workdir}"
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   computed.save(out_path)
@@ -99,13 +101,12 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {METHOD_ORDER}")
   results: dict = {m: {} for m in methods}
-  from usss_jax.data import registry
   details: dict = {"config": json.loads(config.to_json()), "runs": {}, "classes": {}}
   for name in names:  # class-index order for the per-class tables
     dc = config.domains[name]
     details["classes"][name] = list(registry.get_reader(
         dc.dataset, dc.root, **dc.options.to_dict()).spec.classes)
-  needs_embeddings = any(m in ("cross", "full") for m in methods)
+  needs_embeddings = any(m in config_lib.LABEL_EMBEDDING_METHODS for m in methods)
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed{seed}")
     emb_dir = os.path.join(seed_dir, "label_embeddings")
@@ -126,8 +127,9 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         continue
       run_dir = os.path.join(seed_dir, method)
       cfg = _run_config(config, method, seed)
-      if method in ("cross", "full") and config.label_embeddings.source == "pretrain":
-        target = embedding_stage.embeddings_dir(run_dir)
+      if (method in config_lib.LABEL_EMBEDDING_METHODS and
+          config.label_embeddings.source == "pretrain"):
+        target = stage.embeddings_dir(run_dir)
         os.makedirs(target, exist_ok=True)
         for name in names:
           dst = os.path.join(target, f"{name}.npz")
@@ -175,42 +177,13 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
   return "\n".join(out)
 
 
-def plot_results(results: dict, names: Sequence[str], path: str) -> None:
-  """Bar chart: mean mIoU (%) per method and domain, error bars = std over seeds."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  methods = [m for m in METHOD_ORDER if results.get(m)]
-  columns = list(names) + ["average"]
-  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 3.6))
-  width = 0.8 / max(len(methods), 1)
-  for i, method in enumerate(methods):
-    per_seed = results[method]
-    values = np.array([[per_seed[s][n] for n in names] for s in per_seed]) * 100
-    values = np.concatenate([values, values.mean(1, keepdims=True)], axis=1)
-    x = np.arange(len(columns)) + (i - (len(methods) - 1) / 2) * width
-    ax.bar(x, values.mean(0), width, yerr=values.std(0) if len(values) > 1 else None,
-           label=f"{method} (n={len(values)})", capsize=2)
-  ax.set_xticks(np.arange(len(columns)), columns)
-  ax.set_ylabel("mIoU (%)")
-  ax.legend(fontsize=8, ncols=min(len(methods), 3), loc="lower right")
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str]) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  train._write_json_atomic(os.path.join(workdir, "results.json"), results)
-  train._write_json_atomic(os.path.join(workdir, "results_details.json"), details)
-  tmp = os.path.join(workdir, "results.md.tmp")
-  with open(tmp, "w") as f:
-    f.write(markdown_table(results, details, names))
-  os.replace(tmp, os.path.join(workdir, "results.md"))
-  plot_results(results, names, os.path.join(workdir, "results.png"))
+  files.write_json(os.path.join(workdir, "results.json"), results)
+  files.write_json(os.path.join(workdir, "results_details.json"), details)
+  files.write_text(os.path.join(workdir, "results.md"), markdown_table(results, details, names))
+  plots.plot_method_bars(results, names, METHOD_ORDER, os.path.join(workdir, "results.png"))
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -166,7 +167,6 @@ def _scan_directory(directory: epath.Path, *, allow_best: bool) -> list[epath.Pa
 
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 

@@ -35,6 +35,7 @@ import re
 import sys
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,26 +82,6 @@ def _flax_shapes(model: drn_lib.DRN) -> Variables:
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for name, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (name,)))
-    else:
-      out[prefix + (name,)] = value
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _torch_shape(flax_leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if flax_leaf == "kernel":  # HWIO -> OIHW
     h, w, i, o = shape
@@ -111,7 +92,7 @@ def _torch_shape(flax_leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _layout(model: drn_lib.DRN) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
   """torch key -> (Flax path incl. collection, torch shape, torch dtype), in state_dict order."""
   entries = {}
-  for path, leaf in _flatten(_flax_shapes(model)).items():
+  for path, leaf in traverse_util.flatten_dict(_flax_shapes(model)).items():
     collection, module_path, name = path[0], path[1:-1], path[-1]
     torch_key = ".".join(module_path + (_TORCH_LEAF[(collection, name)],))
     dtype = "int64" if name == _COUNTER else "float32"
@@ -184,7 +165,7 @@ def drn_variables_from_torch(state_dict: Mapping[str, Any], model: drn_lib.DRN, 
       flat[path] = np.ascontiguousarray(value.transpose(2, 3, 1, 0), dtype=np.float32)
     else:
       flat[path] = value.astype(np.float32)
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def drn_variables_to_torch(variables: Mapping[str, Any], model: drn_lib.DRN) -> dict[str,
@@ -203,7 +184,8 @@ def drn_variables_to_torch(variables: Mapping[str, Any], model: drn_lib.DRN) -> 
     ValueError: if the variables do not match `model` (missing/unexpected/mis-shaped leaves).
   """
   layout = _layout(model)
-  flat = _flatten({c: variables[c] for c in ("params", "batch_stats") if c in variables})
+  flat = traverse_util.flatten_dict(
+      {c: variables[c] for c in ("params", "batch_stats") if c in variables})
   by_path = {path: (key, shape) for key, (path, shape, _) in layout.items()}
   missing = ["/".join(p) for p in by_path if p not in flat]
   unexpected = ["/".join(p) for p in flat if p not in by_path]
@@ -295,7 +277,8 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray
 
 def save_flax_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
   """Writes Flax variables as `.npz` with '/'-joined keys (exactly at `path`)."""
-  flat = {"/".join(p): np.asarray(jax.device_get(v)) for p, v in _flatten(variables).items()}
+  flat = {"/".join(p): np.asarray(jax.device_get(v))
+          for p, v in traverse_util.flatten_dict(variables).items()}
   with open(path, "wb") as f:
     np.savez(f, **flat)
 
@@ -312,7 +295,7 @@ def load_flax_variables(path: str | os.PathLike) -> Variables:
     raise ValueError(f"{path}: not a readable .npz archive ({e})") from e
   if any(len(p) < 2 for p in flat):
     raise ValueError(f"{path}: keys must look like 'params/<module>/.../<leaf>'")
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,22 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   model = drn_lib.make_encoder(args.arch, args.channels)
+  loaded = (load_flax_variables if args.reverse else load_state_dict)(args.input)
+  try:
+    converted = (drn_variables_to_torch if args.reverse else drn_variables_from_torch)(
+        loaded, model)
+  except ValueError as e:
+    raise ValueError(f"{args.input}: {e}") from e
   if args.reverse:
-    variables = load_flax_variables(args.input)
-    try:
-      state_dict = drn_variables_to_torch(variables, model)
-    except ValueError as e:
-      raise ValueError(f"{args.input}: {e}") from e
-    save_state_dict(args.output, state_dict)
-    print(f"wrote {len(state_dict)} torch tensors to {args.output}")
+    save_state_dict(args.output, converted)
+    print(f"wrote {len(converted)} torch tensors to {args.output}")
   else:
-    state_dict = load_state_dict(args.input)
-    try:
-      variables = drn_variables_from_torch(state_dict, model)
-    except ValueError as e:
-      raise ValueError(f"{args.input}: {e}") from e
+    variables = converted
     save_flax_variables(args.output, variables)
-    n_params = sum(v.size for v in _flatten(variables["params"]).values())
+    n_params = sum(v.size for v in traverse_util.flatten_dict(variables["params"]).values())
     print(f"wrote {args.arch} variables ({n_params:,} parameters) to {args.output}")
   return 0
 

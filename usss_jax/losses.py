@@ -17,7 +17,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = 255
+from usss_jax.data.base import IGNORE_LABEL
+
+PROTOTYPE_REDUCTIONS = ("none", "max", "logsumexp")
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -101,7 +103,7 @@ def reduce_prototypes(scores: jax.Array, k: int, how: str = "none") -> jax.Array
     return jnp.max(grouped, axis=-1)
   if how == "logsumexp":
     return jax.nn.logsumexp(grouped, axis=-1)
-  raise ValueError(f"unknown prototype reduction {how!r}; use 'none', 'max' or 'logsumexp'")
+  raise ValueError(f"unknown prototype reduction {how!r}; use one of {PROTOTYPE_REDUCTIONS}")
 
 
 def softmax_entropy(scores: jax.Array, axis: int = -1) -> jax.Array:
@@ -149,25 +151,25 @@ def label_embedding_entropy(pixel_embedding: jax.Array, label_embeddings: jax.Ar
 
 
 def within_domain_entropy(pixel_embedding: jax.Array,
-                          label_embeddings: Sequence[jax.Array], domain: int,
+                          label_embeddings: Sequence[jax.Array], domain_index: int,
                           **kwargs) -> jax.Array:
-  """L_within for an unlabeled batch of `domain`: entropy w.r.t. its own label embeddings.
+  """L_within for an unlabeled batch of a domain: entropy w.r.t. its own label embeddings.
 
   Args:
-    pixel_embedding: [B, H, W, D] embeddings of unlabeled images of `domain`.
+    pixel_embedding: [B, H, W, D] embeddings of unlabeled images of the domain.
     label_embeddings: per-domain [M_k, D] matrices.
-    domain: index of the images' domain.
+    domain_index: index of the images' domain.
     **kwargs: forwarded to `label_embedding_entropy`.
   Returns:
     Scalar float32.
   """
-  return label_embedding_entropy(pixel_embedding, label_embeddings[domain], **kwargs)
+  return label_embedding_entropy(pixel_embedding, label_embeddings[domain_index], **kwargs)
 
 
 def cross_domain_entropy(pixel_embedding: jax.Array,
-                         label_embeddings: Sequence[jax.Array], domain: int,
+                         label_embeddings: Sequence[jax.Array], domain_index: int,
                          **kwargs) -> jax.Array:
-  """L_cross for an unlabeled batch of `domain`: entropy w.r.t. the other domains' embeddings.
+  """L_cross for an unlabeled batch of a domain: entropy w.r.t. the other domains' embeddings.
 
   With more than two domains the entropies to each other domain are averaged, so
   that alpha means the same for any number of domains (with two domains this is
@@ -176,12 +178,12 @@ def cross_domain_entropy(pixel_embedding: jax.Array,
   Args:
     pixel_embedding: [B, H, W, D].
     label_embeddings: per-domain [M_k, D] matrices.
-    domain: index of the images' domain.
+    domain_index: index of the images' domain.
     **kwargs: forwarded to `label_embedding_entropy`.
   Returns:
     Scalar float32.
   """
-  others = [e for k, e in enumerate(label_embeddings) if k != domain]
+  others = [e for k, e in enumerate(label_embeddings) if k != domain_index]
   if not others:
     return jnp.zeros((), jnp.float32)
   terms = [label_embedding_entropy(pixel_embedding, e, **kwargs) for e in others]
@@ -215,3 +217,82 @@ def total_loss(supervised: Sequence[jax.Array], cross: Sequence[jax.Array],
   """
   zero = jnp.zeros((), jnp.float32)
   return (sum(supervised, zero) + alpha * sum(cross, zero) + beta * sum(within, zero))
+
+
+# ---------------------------------------------------------------------------- semi-supervised
+
+def pseudo_labels(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Hard pseudo-labels of a (teacher) prediction.
+
+  Args:
+    logits: [B, H, W, C].
+  Returns:
+    (labels [B, H, W] int32 argmax, confidence [B, H, W] float32 max softmax probability),
+    both without gradient.
+  """
+  probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+  return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
+
+
+def cutmix(x: jax.Array, mask: jax.Array, partner: jax.Array) -> jax.Array:
+  """Pastes, for each example i, the masked pixels of example partner[i] into it.
+
+  Args:
+    x: [B, H, W, ...] images, labels, confidences or probabilities.
+    mask: [B, H, W] bool, True where example i takes its partner's pixel.
+    partner: [B] int indices into the batch.
+  Returns:
+    Same shape and dtype as `x`.
+  """
+  m = mask.reshape(mask.shape + (1,) * (x.ndim - 3))
+  return jnp.where(m, jnp.take(x, partner, axis=0), x)
+
+
+def consistency_cross_entropy(logits: jax.Array, labels: jax.Array, confidence: jax.Array, *,
+                              threshold: float, valid: jax.Array | None = None) -> jax.Array:
+  """FixMatch's unlabeled loss: cross entropy against confident pseudo-labels.
+
+  Pixels whose pseudo-label confidence is below `threshold` contribute 0; the sum is divided
+  by the number of valid pixels (not the confident ones), so the loss grows as the teacher
+  becomes confident, as in FixMatch / UniMatch.
+
+  Args:
+    logits: [B, H, W, C] student scores on the strong view.
+    labels: [B, H, W] int pseudo-labels (of the weak view, mixed like the strong view).
+    confidence: [B, H, W] float their confidence.
+    threshold: confidence in [0, 1] from which a pseudo-label counts.
+    valid: optional [B, H, W] bool of pixels that exist (not crop padding).
+  Returns:
+    Scalar float32.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+  weight = (confidence >= threshold).astype(jnp.float32)
+  return _masked_mean(nll * jax.lax.stop_gradient(weight), valid)
+
+
+def information_maximization(scores: jax.Array, mask: jax.Array | None = None
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """E[H(p)] - H(E[p]) of softmax(scores) over a batch's pixels (SHOT / IIC's IM loss).
+
+  Minimising the mean per-pixel entropy alone can put every pixel on one label; subtracting
+  the entropy of the batch-mean distribution (its diversity) rules that out: the minimum is
+  confident pixels spread over all labels.
+
+  Args:
+    scores: [B, H, W, M] similarity scores (already divided by a temperature).
+    mask: optional [B, H, W] bool of pixels that count in both terms.
+  Returns:
+    (loss, mean per-pixel entropy, entropy of the mean distribution), scalars float32.
+  """
+  log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+  probs = jnp.exp(log_probs)
+  pixel_entropy = -jnp.sum(probs * log_probs, axis=-1)
+  if mask is None:
+    mean_probs = jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0)
+  else:
+    weight = mask.astype(jnp.float32)[..., None]
+    mean_probs = jnp.sum(probs * weight, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(weight), 1.0)
+  marginal_entropy = -jnp.sum(mean_probs * jnp.log(jnp.maximum(mean_probs, 1e-12)))
+  mean_entropy = _masked_mean(pixel_entropy, mask)
+  return mean_entropy - marginal_entropy, mean_entropy, marginal_entropy

@@ -1,4 +1,4 @@
-"""TensorFlow-free training logs: JSON lines, TensorBoard events, console progress.
+"""TensorFlow-free training logs: JSON lines and TensorBoard events.
 
 clu.metric_writers imports TensorFlow and tensorboard at import time, so event
 files are written with tensorboardX instead.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TextIO
 
+from flax import traverse_util
 import numpy as np
+import tensorboardX
+from tensorboardX import summary
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -77,18 +78,6 @@ def _to_plain(value: Any, name: str) -> Any:
   return number
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a/b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + "/"))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _is_scalar_number(value: Any) -> bool:
   if isinstance(value, bool):
     return False
@@ -119,7 +108,6 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, METRICS_FILENAME), "a", encoding="utf-8")
     if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(
           logdir=os.path.join(workdir, TENSORBOARD_SUBDIR), flush_secs=30)
 
@@ -159,7 +147,7 @@ class MetricWriter:
     step = int(step)
     self._write_line({"step": step, "kind": "eval", **_to_plain(dict(results), "results")})
     if self._tb is not None:
-      for name, value in _flatten(results).items():
+      for name, value in traverse_util.flatten_dict(dict(results), sep="/").items():
         if _is_scalar_number(value):
           self._tb.add_scalar(name, float(np.asarray(value)), step)
 
@@ -186,7 +174,7 @@ class MetricWriter:
     if not self.enabled:
       return
     flat = {}
-    for name, value in _flatten(hparams).items():
+    for name, value in traverse_util.flatten_dict(dict(hparams), sep="/").items():
       if isinstance(value, (bool, int, float, str)):
         flat[name] = value
       elif isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
@@ -196,7 +184,6 @@ class MetricWriter:
     self._write_line({"kind": "hparams",
                       "hparams": {k: _to_plain(v, k) for k, v in flat.items()}})
     if self._tb is not None:
-      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
       file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
       # Written into the run's own event file (SummaryWriter.add_hparams would
       # open a new sub-run directory).
@@ -223,80 +210,3 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-def _format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-class ProgressBar:
-  """Console progress: step, %, steps/s, ETA and a few metrics.
-
-  On a TTY one line is rewritten in place (\\r) at most every 0.2 s; otherwise
-  (log files, CI) a plain line is printed every `every_seconds`. Speed is
-  measured since the previous report so the first step's compilation does not
-  drag the ETA down for the whole run.
-  """
-
-  _TTY_INTERVAL_SECONDS = 0.2
-
-  def __init__(self, total_steps: int, initial_step: int = 0, *,
-               every_seconds: float = 5.0, stream: TextIO | None = None,
-               clock: Callable[[], float] = time.monotonic):
-    """
-    Args:
-      total_steps: step count at which training ends.
-      initial_step: step training starts (or resumes) from.
-      every_seconds: interval between plain lines when `stream` is not a TTY.
-      stream: where to write; sys.stderr by default.
-      clock: seconds source (injectable for tests).
-    """
-    self.total_steps = total_steps
-    self.stream = stream if stream is not None else sys.stderr
-    self._clock = clock
-    isatty = getattr(self.stream, "isatty", None)
-    self._tty = bool(isatty()) if callable(isatty) else False
-    self._interval = self._TTY_INTERVAL_SECONDS if self._tty else every_seconds
-    self._last_time = clock()
-    self._last_step = initial_step
-    self._last_line_len = 0
-
-  def _line(self, step: int, rate: float, metrics: Mapping[str, Any] | None) -> str:
-    eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
-    percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
-    parts = [f"step {step}/{self.total_steps} ({percent:.1f}%)",
-             f"{rate:.2f} steps/s", f"ETA {_format_duration(eta)}"]
-    if metrics:
-      parts.append(" ".join(f"{name} {float(_to_number(value, name)):.4g}"
-                            for name, value in metrics.items()))
-    return " | ".join(parts)
-
-  def _emit(self, line: str) -> None:
-    if self._tty:
-      padding = " " * max(0, self._last_line_len - len(line))
-      self.stream.write("\r" + line + padding)
-      self._last_line_len = len(line)
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-
-  def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
-    """Reports `step` if the reporting interval has passed (always at the last step)."""
-    now = self._clock()
-    elapsed = now - self._last_time
-    if elapsed < self._interval and step < self.total_steps:
-      return
-    rate = (step - self._last_step) / elapsed if elapsed > 0 else 0.0
-    self._emit(self._line(step, rate, metrics))
-    self._last_time, self._last_step = now, step
-
-  def close(self) -> None:
-    """Ends the in-place line on a TTY."""
-    if self._tty and self._last_line_len:
-      self.stream.write("\n")
-      self.stream.flush()
-      self._last_line_len = 0

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
+from usss_jax.data.base import IGNORE_LABEL
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, *,
@@ -38,6 +38,10 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, *,
   counts = jnp.bincount(index, weights=valid.astype(jnp.int32),
                         length=num_classes * (num_classes + 1))
   return counts.astype(jnp.int32).reshape(num_classes, num_classes + 1)
+
+
+# miou_convention -> what a class absent from ground truth and prediction gets.
+MIOU_CONVENTIONS = {"standard": "nan", "reference": "zero"}
 
 
 def iou_from_confusion(confusion, *, absent: str = "nan") -> tuple[np.ndarray, float]:

@@ -112,6 +112,17 @@ def map_label_values(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
   return mapped.astype(np.uint8)
 
 
+def read_lines(path: str, what: str) -> list[str]:
+  """The lines of a small text file (a list or class file); DataError naming it otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except FileNotFoundError as e:
+    raise DataError(f"{path}: {what} does not exist") from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: unreadable {what} ({e})") from e
+
+
 def require_dir(path: str, what: str) -> str:
   if not os.path.isdir(path):
     raise DataError(f"{path}: missing folder ({what})")

@@ -79,13 +79,7 @@ class CamVidReader(folder.PairedReader):
 
   def _read_list(self, split: str, image_dir: str, label_dir: str) -> list[Example]:
     list_path = self.list_path(split)
-    try:
-      with open(list_path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    except FileNotFoundError as e:
-      raise DataError(f"{list_path}: CamVid list file does not exist") from e
-    except (OSError, UnicodeDecodeError) as e:
-      raise DataError(f"{list_path}: unreadable list file ({e})") from e
+    lines = base.read_lines(list_path, "CamVid list file")
     examples: dict[str, Example] = {}
     absent: list[str] = []
     for lineno, line in enumerate(lines, 1):

@@ -176,13 +176,7 @@ def bit_palette(num_colors: int) -> list[tuple[int, int, int]]:
 
 def read_classes_file(path: str) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
   """Parses classes.txt (`name` or `name r g b` per line) -> (names, palette)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError as e:
-    raise DataError(f"{path}: classes file does not exist") from e
-  except (OSError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: unreadable classes file ({e})") from e
+  lines = base.read_lines(path, "classes file")
   names: list[str] = []
   colors: list[tuple[int, int, int] | None] = []
   for lineno, line in enumerate(lines, 1):

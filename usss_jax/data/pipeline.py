@@ -33,52 +33,20 @@ import json
 import zlib
 from typing import Any, Sequence
 
+from absl import flags
 import grain
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from usss_jax.data.base import DatasetReader, Example
+from usss_jax import sharding
+from usss_jax.data.base import Example
+from usss_jax.data.strong_augment import StrongAugmentConfig
 from usss_jax.data.transforms import LoadAndAugment
+from usss_jax.domains import Domain
 
 _STATE_FORMAT = "usss_jax.TrainInput/1"
 _KINDS = ("labeled", "unlabeled")
-
-
-@dataclasses.dataclass
-class DomainStreamConfig:
-  """What to stream for one domain.
-
-  Attributes:
-    name: domain name, e.g. "camvid"; key of the batch dict.
-    labeled / unlabeled: examples of the two streams (unlabeled labels are not read).
-    reader: decodes examples (`load_example`), also a `TfdsReader`.
-    crop_hw: training crop (H, W); None = no crop (all images must then have
-      the same size after `resize_hw`).
-    resize_hw, scale_range, flip: see `transforms.train_transform`.
-  """
-  name: str
-  labeled: list[Example]
-  unlabeled: list[Example]
-  reader: DatasetReader
-  crop_hw: tuple[int, int] | None
-  resize_hw: tuple[int, int] | None = None
-  scale_range: tuple[float, float] = (1.0, 1.0)
-  flip: bool = True
-
-
-def make_mesh(num_devices: int | None = None, data_axis: str = "data") -> Mesh:
-  """1-D mesh over the first `num_devices` devices with an *Auto* axis.
-
-  (`jax.make_mesh` defaults to Explicit axes, under which gathers and
-  `bincount` on batch-sharded arrays raise ShardingTypeError.)
-  """
-  devices = jax.devices()
-  if num_devices is not None:
-    if not 0 < num_devices <= len(devices):
-      raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
-    devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (data_axis,), axis_types=(AxisType.Auto,))
 
 
 def _stream_seeds(seed: int, domain: str, kind: str) -> tuple[int, int]:
@@ -93,7 +61,6 @@ def _keys_digest(examples: Sequence[Example]) -> str:
 
 
 def _ensure_absl_flags_parsed() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -118,7 +85,7 @@ class TrainInput:
   unlabeled examples.
 
   Args:
-    domains: one config per domain (names must be unique).
+    domains: the domains (names must be unique); their examples, reader, crop and resize.
     labeled_batch, unlabeled_batch: *global* batch sizes per domain.
     seed: all shuffling and augmentation derive from it.
     mesh: device mesh; None = return host NumPy arrays.
@@ -127,16 +94,19 @@ class TrainInput:
     data_axis: mesh axis the batch dimension is sharded over.
     read_threads: threads per process computing steps ahead.
     cache_mb: decoded (resized) images kept in memory per stream, in MiB.
+    strong: strong views of unlabeled images (consistency): the unlabeled batches then also
+      hold "strong" [B_u, h, w, 3], "cutmix_mask" and "valid" [B_u, h, w] bool.
     prefetch_steps: steps buffered ahead per process.
     process_index, process_count: host slice to produce; default = JAX's. Only
       overridable with mesh=None (to test the per-host logic in one process).
   """
 
-  def __init__(self, domains: Sequence[DomainStreamConfig], *, labeled_batch: int,
+  def __init__(self, domains: Sequence[Domain], *, labeled_batch: int,
                unlabeled_batch: int, seed: int, mesh: Mesh | None,
                normalization: str = "imagenet", worker_count: int = 0,
-               data_axis: str = "data", read_threads: int = 2, prefetch_steps: int = 2,
-               cache_mb: int = 0,
+               data_axis: str = sharding.DATA_AXIS, read_threads: int = 2,
+               prefetch_steps: int = 2,
+               cache_mb: int = 0, strong: StrongAugmentConfig | None = None,
                process_index: int | None = None, process_count: int | None = None):
     if not domains:
       raise ValueError("TrainInput needs at least one domain")
@@ -184,13 +154,14 @@ class TrainInput:
         transform = LoadAndAugment(
             d.reader, with_label=kind == "labeled", crop_hw=d.crop_hw,
             resize_hw=d.resize_hw, scale_range=d.scale_range, flip=d.flip,
-            normalization=normalization, cache_bytes=cache_mb << 20)
+            normalization=normalization, cache_bytes=cache_mb << 20,
+            strong=strong if kind == "unlabeled" else None)
         parts.append(self._stream(examples, batch // self._process_count, transform,
                                   *_stream_seeds(seed, d.name, kind)))
         self._streams.append((d.name, kind, batch))
     length = min(len(p) for p in parts)  # all "infinite"; zip wants equal lengths
     self._steps = grain.experimental.ZipMapDataset([p[:length] for p in parts])
-    self._fingerprint = self._make_fingerprint(domains, seed, normalization)
+    self._fingerprint = self._make_fingerprint(domains, seed, normalization, strong)
     self._next_step = 0
     self._iterator = None
     if worker_count:
@@ -204,8 +175,9 @@ class TrainInput:
     ds = ds.batch(host_batch, drop_remainder=True)
     return ds[self._process_index::self._process_count]
 
-  def _make_fingerprint(self, domains, seed, normalization) -> str:
+  def _make_fingerprint(self, domains, seed, normalization, strong) -> str:
     desc = {
+        "strong": dataclasses.asdict(strong) if strong is not None else None,
         "seed": seed, "labeled_batch": self._labeled_batch,
         "unlabeled_batch": self._unlabeled_batch, "normalization": normalization,
         "domains": [[d.name, _keys_digest(d.labeled), _keys_digest(d.unlabeled),

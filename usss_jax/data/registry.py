@@ -10,6 +10,7 @@ from usss_jax.data.cityscapes import CityscapesReader
 from usss_jax.data.folder import FolderReader
 from usss_jax.data.idd import IDDLiteReader, IDDReader
 from usss_jax.data.sunrgbd import SUNRGBD13Reader, SUNRGBDReader
+from usss_jax.data.tfds_reader import TfdsReader
 
 READERS: dict[str, type[DatasetReader]] = {
     "camvid": CamVidReader,
@@ -19,6 +20,8 @@ READERS: dict[str, type[DatasetReader]] = {
     "idd_lite": IDDLiteReader,
     "sunrgbd": SUNRGBDReader,
     "sunrgbd13": SUNRGBD13Reader,
+    # A dataset prepared by usss_jax.data.tfds_builders.prepare; root = its directory.
+    "tfds": TfdsReader,
 }
 
 
@@ -29,17 +32,10 @@ def get_reader(name: str, root: str, **kwargs) -> DatasetReader:
     ValueError: unknown name, or an option the reader does not take.
     DataError: `root` is missing or malformed.
   """
-  if name == "tfds":
-    # A dataset prepared by usss_jax.data.tfds_builders.prepare (array_record); root is the
-    # prepared dataset directory. Imported lazily: tensorflow_datasets is slow to import.
-    from usss_jax.data.tfds_builders import TfdsReader
-    cls = TfdsReader
-  else:
-    cls = None
   try:
-    cls = cls or READERS[name]
+    cls = READERS[name]
   except KeyError:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}, tfds"
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(READERS))}"
                      ) from None
   params = inspect.signature(cls.__init__).parameters
   options = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]

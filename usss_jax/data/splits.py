@@ -71,6 +71,24 @@ def make_split(examples: Sequence[Example], num_labeled: int, seed: int, *,
   return Split(labeled=labeled, unlabeled=unlabeled)
 
 
+# The validation hold-out must be the same for every run (method, seed) of an experiment, so it
+# has its own fixed seed rather than the run's.
+HOLDOUT_SEED = 20191027
+
+
+def hold_out(examples: Sequence[Example], count: int) -> tuple[list[Example], list[Example]]:
+  """(held out, rest): `count` examples set aside as validation data, by a fixed seed.
+
+  The choice depends only on the example keys and `count`; both lists are sorted by key.
+  """
+  ordered = _sorted_unique(examples)
+  if not 0 < count < len(ordered):
+    raise DataError(f"cannot hold out {count} of {len(ordered)} examples")
+  chosen = set(np.random.default_rng(HOLDOUT_SEED).permutation(len(ordered))[:count].tolist())
+  return ([ex for i, ex in enumerate(ordered) if i in chosen],
+          [ex for i, ex in enumerate(ordered) if i not in chosen])
+
+
 def _write_lines_atomic(path: str, lines: Sequence[str]) -> None:
   directory = os.path.dirname(path) or "."
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".txt")

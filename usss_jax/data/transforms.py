@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from usss_jax.data import strong_augment
 from usss_jax.data.base import IGNORE_LABEL
 
 # torchvision / fyu-drn ImageNet statistics, RGB order, for [0, 1] inputs.
@@ -136,13 +137,12 @@ def _finish(image: np.ndarray, label: np.ndarray | None, normalization: str) -> 
   return out
 
 
-def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
-                    crop_hw: tuple[int, int] | None,
-                    scale_range: tuple[float, float] = (1.0, 1.0),
-                    resize_hw: tuple[int, int] | None = None, flip: bool = True,
-                    normalization: str = "imagenet",
-                    ignore_label: int = IGNORE_LABEL) -> dict[str, np.ndarray]:
-  """resize -> random scale -> random crop -> random flip -> normalise.
+def train_crop(example: dict[str, Any], rng: np.random.Generator, *,
+               crop_hw: tuple[int, int] | None,
+               scale_range: tuple[float, float] = (1.0, 1.0),
+               resize_hw: tuple[int, int] | None = None, flip: bool = True,
+               ignore_label: int = IGNORE_LABEL) -> tuple[np.ndarray, np.ndarray | None]:
+  """resize -> random scale -> random crop -> random flip, before normalisation.
 
   Args:
     example: {"image": [H, W, 3] uint8, "label": [H, W] int (optional), ...}.
@@ -152,7 +152,7 @@ def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
     resize_hw: fixed (H, W) resize applied first (the reference resized CS/IDD
       to 512x1024 before a 512x512 crop, CamVid/SUN to 360x480 / 480x640).
   Returns:
-    {"image": [h, w, 3] float32, "label": [h, w] int32 (if the example has one)}.
+    (image [h, w, 3] uint8, label [h, w] or None).
   """
   image, label = _check_example(example)
   if resize_hw is not None:
@@ -163,7 +163,17 @@ def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
     image, label = random_crop(image, label, rng, crop_hw, ignore_label)
   if flip:
     image, label = random_flip(image, label, rng)
-  return _finish(image, label, normalization)
+  return image, label
+
+
+def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
+                    normalization: str = "imagenet", **crop_options) -> dict[str, np.ndarray]:
+  """`train_crop`, then normalisation.
+
+  Returns:
+    {"image": [h, w, 3] float32, "label": [h, w] int32 (if the example has one)}.
+  """
+  return _finish(*train_crop(example, rng, **crop_options), normalization)
 
 
 def eval_transform(example: dict[str, Any], *, resize_hw: tuple[int, int] | None = None,
@@ -178,6 +188,10 @@ def eval_transform(example: dict[str, Any], *, resize_hw: tuple[int, int] | None
 class LoadAndAugment:
   """Picklable `(Example, rng) -> arrays` map for grain's `random_map`.
 
+  With `strong` (unlabeled streams of consistency methods) it returns the weak view "image",
+  its strong view "strong" (`strong_augment.photometric_strong` of the same crop), a CutMix
+  box "cutmix_mask" and "valid" (not crop padding), all [h, w].
+
   Decoded (and `resize_hw`-resized) examples are kept in memory up to `cache_bytes`, since
   decoding dominates the input cost of small crops; the random part (scale, crop, flip)
   runs on every call. The cache is filled first come, first kept (every example is drawn
@@ -190,7 +204,7 @@ class LoadAndAugment:
 
   def __init__(self, reader, *, with_label: bool, crop_hw, resize_hw=None,
                scale_range=(1.0, 1.0), flip: bool = True, normalization: str = "imagenet",
-               cache_bytes: int = 0):
+               cache_bytes: int = 0, strong: strong_augment.StrongAugmentConfig | None = None):
     if normalization not in NORMALIZATIONS:
       raise ValueError(f"unknown normalization {normalization!r}; expected one of "
                        f"{NORMALIZATIONS}")
@@ -198,6 +212,9 @@ class LoadAndAugment:
     self.with_label = with_label
     self.resize_hw = tuple(resize_hw) if resize_hw else None
     self.cache_bytes = int(cache_bytes)
+    if strong is not None and with_label:
+      raise ValueError("strong views are for unlabeled streams (with_label=False)")
+    self.strong = strong
     self.kwargs = dict(crop_hw=crop_hw, scale_range=tuple(scale_range),
                        flip=flip, normalization=normalization,
                        ignore_label=reader.spec.ignore_label)
@@ -242,4 +259,18 @@ class LoadAndAugment:
     if not self.with_label and example.label_path is not None:
       # Unlabeled stream: never decode the label (the reference decoded and dropped it).
       example = dataclasses.replace(example, label_path=None)
-    return train_transform(self._decoded(example), rng, **self.kwargs)
+    decoded = self._decoded(example)
+    if self.strong is None:
+      return train_transform(decoded, rng, **self.kwargs)
+    # Weak and strong views of one crop; "valid" marks the pixels that are not crop padding
+    # (cropped like a label that is 0 everywhere and padded with ignore).
+    normalization = self.kwargs["normalization"]
+    crop_options = {k: v for k, v in self.kwargs.items() if k != "normalization"}
+    image, footprint = train_crop(
+        {"image": decoded["image"], "label": np.zeros(decoded["image"].shape[:2], np.uint8)},
+        rng, **crop_options)
+    strong = strong_augment.photometric_strong(image, rng, self.strong)
+    return {"image": normalize(image, normalization),
+            "strong": normalize(strong, normalization),
+            "cutmix_mask": strong_augment.cutmix_box(*image.shape[:2], rng, self.strong),
+            "valid": footprint != self.kwargs["ignore_label"]}

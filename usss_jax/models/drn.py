@@ -56,8 +56,8 @@ def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, dty
                 kernel_init=conv_init, weight_grad=weight_grad, name=name)
 
 
-class BasicBlock(nn.Module):
-  """3x3 conv (stride, dilation[0]) -> BN -> ReLU -> 3x3 conv (dilation[1]) -> BN, + shortcut."""
+class _Block(nn.Module):
+  """What residual blocks share: their attributes (see `ResidualStage`)."""
   planes: int
   stride: int = 1
   dilation: tuple[int, int] = (1, 1)
@@ -67,10 +67,17 @@ class BasicBlock(nn.Module):
 
   expansion = 1
 
+  def _bn(self, name: str) -> BatchNorm:
+    return BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=name)
+
+
+class BasicBlock(_Block):
+  """3x3 conv (stride, dilation[0]) -> BN -> ReLU -> 3x3 conv (dilation[1]) -> BN, + shortcut."""
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, planes]."""
-    bn = lambda name: BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=name)
+    bn = self._bn
     y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation[0], dtype=self.dtype,
               weight_grad=self.weight_grad, name="conv1")(x)
     y = nn.relu(bn("bn1")(y, use_running_average=not train))
@@ -80,24 +87,18 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x, train))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 -> BN -> ReLU -> 3x3 (stride, dilation[1]) -> BN -> ReLU -> 1x1 (x4) -> BN, + shortcut.
 
   As in fyu/drn the stride sits on the 3x3 conv and dilation[0] is unused.
   """
-  planes: int
-  stride: int = 1
-  dilation: tuple[int, int] = (1, 1)
-  dtype: Dtype = jnp.float32
-  bn_momentum: float = 0.1
-  weight_grad: str = "auto"
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, 4 * planes]."""
-    bn = lambda name: BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=name)
+    bn = self._bn
     y = _conv(self.planes, 1, dtype=self.dtype, weight_grad=self.weight_grad, name="conv1")(x)
     y = nn.relu(bn("bn1")(y, use_running_average=not train))
     y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation[1], dtype=self.dtype,
@@ -109,7 +110,7 @@ class Bottleneck(nn.Module):
     return nn.relu(y + _shortcut(self, x, train))
 
 
-def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array, train: bool) -> jax.Array:
+def _shortcut(block: _Block, x: jax.Array, train: bool) -> jax.Array:
   """Identity, or a strided 1x1 conv + BN projection iff the stride or the width changes."""
   out_features = block.planes * block.expansion
   if block.stride == 1 and x.shape[-1] == out_features:

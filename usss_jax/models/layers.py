@@ -87,6 +87,7 @@ class BatchNorm(nn.Module):
 
 
 WEIGHT_GRADS = ("auto", "xla", "taps")
+UPSAMPLE_MODES = ("transposed", "resize")
 # From this many input x output channels on, the per-tap matmuls beat XLA:CPU's own
 # weight-gradient convolution (2-core AVX2 VM, 3x3 conv, batch 4 at 32x64: 512x512 channels
 # 4.4 s vs 0.5 s, 256x256 285 vs 162 ms); for narrow layers they lose inside a whole network
@@ -324,5 +325,5 @@ def upsample_bilinear(x: jax.Array, factor: int = 8, mode: str = "transposed",
   if mode == "resize":
     y = jax.image.resize(x, (x.shape[0], f * h, f * w, channels), method="bilinear")
     return y[:, :out_h, :out_w, :]
-  raise ValueError(f"unknown upsampling mode {mode!r}; use 'transposed' or 'resize'")
+  raise ValueError(f"unknown upsampling mode {mode!r}; use one of {UPSAMPLE_MODES}")
 

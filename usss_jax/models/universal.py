@@ -26,6 +26,7 @@ from usss_jax.models.layers import BilinearUpsample, upsample_bilinear
 
 Dtype = Any
 UPSAMPLE_FACTOR = 8  # the DRN-D output stride
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype
 
 
 def _torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
@@ -92,7 +93,7 @@ class UniversalSegmenter(nn.Module):
     return upsample_bilinear(scores, UPSAMPLE_FACTOR, self.upsample, out_size)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, domain: int | None = None,
+  def __call__(self, x: jax.Array, *, train: bool, head: int | None = None,
                logits: bool = True, embedding: bool = False,
                features: bool = False, upsample_embedding: bool = True) -> dict[str, Any]:
     """Runs the encoder and the requested heads.
@@ -100,7 +101,7 @@ class UniversalSegmenter(nn.Module):
     Args:
       x: [B, H, W, 3] images.
       train: BN in train mode (batch statistics; `batch_stats` must be mutable) or eval mode.
-      domain: index of the head to run; None runs every head.
+      head: index of the domain head to run; None runs every head.
       logits: return segmentation logits.
       embedding: return pixel embeddings (needs embedding_dim > 0).
       features: return the encoder output.
@@ -110,7 +111,7 @@ class UniversalSegmenter(nn.Module):
 
     Returns:
       dict with, as requested,
-        "logits": [B, H, W, num_classes[domain]], or a tuple over all domains when domain is None;
+        "logits": [B, H, W, num_classes[head]], or a tuple over all domains when head is None;
         "embedding": [B, H, W, embedding_dim] ([B, ceil(H/8), ceil(W/8), embedding_dim] without
           upsample_embedding);
         "features": [B, ceil(H/8), ceil(W/8), encoder_channels[-1]].
@@ -118,8 +119,8 @@ class UniversalSegmenter(nn.Module):
     num_domains = len(self.num_classes)
     if num_domains < 1:
       raise ValueError("UniversalSegmenter needs at least one domain in num_classes")
-    if domain is not None and not 0 <= domain < num_domains:
-      raise ValueError(f"domain {domain} out of range for {num_domains} domain(s)")
+    if head is not None and not 0 <= head < num_domains:
+      raise ValueError(f"head {head} out of range for {num_domains} domain(s)")
     if embedding and self.embedding_dim <= 0:
       raise ValueError("embedding requested but embedding_dim is 0 (no entropy module)")
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -141,17 +142,17 @@ class UniversalSegmenter(nn.Module):
 
     if self.is_initializing():
       # Create every head and the embedding conv, whatever the flags ask for.
-      for head in heads:
-        head(feats)
+      for h in heads:
+        h(feats)
       if embed is not None:
         embed(feats)
 
     outputs: dict[str, Any] = {}
     if logits:
-      if domain is None:
-        outputs["logits"] = tuple(upsampler(head(feats), out_size) for head in heads)
+      if head is None:
+        outputs["logits"] = tuple(upsampler(h(feats), out_size) for h in heads)
       else:
-        outputs["logits"] = upsampler(heads[domain](feats), out_size)
+        outputs["logits"] = upsampler(heads[head](feats), out_size)
     if embedding:
       pixel_embedding = embed(feats)
       outputs["embedding"] = (upsampler(pixel_embedding, out_size) if upsample_embedding

@@ -7,17 +7,20 @@ import os
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import TINY
 from usss_jax import checkpoint as ckpt_lib
-from usss_jax import embedding_stage, train, visualize
+from usss_jax import inference, runtime, train_step
+from usss_jax.analysis import __main__ as cli
+from usss_jax.analysis import commands, plots, scores
 from usss_jax.data import demo, registry
+from usss_jax.domains import Domain, build_domains
+from usss_jax.label_embeddings import store
 from usss_jax.models import universal
 
-TINY = (4, 8, 12, 16, 20, 24, 28, 32)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,13 +67,13 @@ def test_prototype_logits_matches_float64_reference(k):
   rng = np.random.default_rng(k)
   pixels = rng.normal(size=(2, 5, 7, 6)).astype(np.float32) * 4.0
   prototypes = rng.normal(size=(4 * k, 6)).astype(np.float32) * rng.uniform(0.2, 5, (4 * k, 1))
-  got = np.asarray(jax.jit(visualize.prototype_logits, static_argnums=2)(
+  got = np.asarray(jax.jit(inference.prototype_scores, static_argnums=2)(
       jnp.asarray(pixels), jnp.asarray(prototypes), k))
   assert got.shape == (2, 5, 7, 4) and got.dtype == np.float32
   np.testing.assert_allclose(got, numpy_prototype_scores(pixels, prototypes, k),
                              rtol=1e-5, atol=1e-5)
   # Cosine mode: scores are the reference's divided by each pixel's norm.
-  cos = np.asarray(visualize.prototype_logits(jnp.asarray(pixels), jnp.asarray(prototypes), k,
+  cos = np.asarray(inference.prototype_scores(jnp.asarray(pixels), jnp.asarray(prototypes), k,
                                               normalize_pixels=True))
   norms = np.linalg.norm(pixels.astype(np.float64), axis=-1, keepdims=True)
   np.testing.assert_allclose(cos, numpy_prototype_scores(pixels, prototypes, k) / norms,
@@ -83,7 +86,7 @@ def test_prototype_argmax_is_nearest_prototype_by_cosine(k):
   pixels = rng.normal(size=(1, 9, 11, 5))
   pixels /= np.linalg.norm(pixels, axis=-1, keepdims=True)
   prototypes = rng.normal(size=(6 * k, 5)) * rng.uniform(0.5, 3, (6 * k, 1))
-  pred = np.asarray(jnp.argmax(visualize.prototype_logits(
+  pred = np.asarray(jnp.argmax(inference.prototype_scores(
       jnp.asarray(pixels, jnp.float32), jnp.asarray(prototypes, jnp.float32), k), -1))
   # Nearest-neighbour search in Euclidean distance among unit vectors = best cosine.
   unit = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
@@ -96,9 +99,9 @@ def test_prototype_argmax_is_nearest_prototype_by_cosine(k):
 
 def test_prototype_logits_rejects_bad_shapes():
   with pytest.raises(ValueError, match="match the pixel embedding"):
-    visualize.prototype_logits(jnp.zeros((1, 2, 2, 4)), jnp.ones((3, 5)))
+    inference.prototype_scores(jnp.zeros((1, 2, 2, 4)), jnp.ones((3, 5)))
   with pytest.raises(ValueError, match="not a multiple of k=2"):
-    visualize.prototype_logits(jnp.zeros((1, 2, 2, 4)), jnp.ones((3, 4)), 2)
+    inference.prototype_scores(jnp.zeros((1, 2, 2, 4)), jnp.ones((3, 4)), 2)
 
 
 def test_prototype_similarity_hand_built():
@@ -106,39 +109,39 @@ def test_prototype_similarity_hand_built():
   a = np.array([[1, 0], [0, 3],        # class 0: x axis and y axis
                 [-1, 0], [-1, -1]])    # class 1: -x and the -x-y diagonal
   b = np.array([[2, 0], [0, -1], [1, 1]])
-  got = visualize.prototype_similarity(a, b, k_a=2, k_b=1)
+  got = scores.prototype_similarity(a, b, k_a=2, k_b=1)
   s = 1 / np.sqrt(2)
   want = np.array([[1.0, 0.0, s],           # best of (x, y) vs each of B
                    [-s, s, -s]])            # best of (-x, -diag): x gets -s, not -1
   np.testing.assert_allclose(got, want, atol=1e-12)
   with pytest.raises(ValueError, match="same D"):
-    visualize.prototype_similarity(a, np.ones((2, 3)))
+    scores.prototype_similarity(a, np.ones((2, 3)))
 
 
 def test_cooccurrence_and_row_normalize_hand_built():
   labels = np.array([[0, 0, 1, 255], [2, 1, 1, 0]])
   preds = np.array([[1, 1, 0, 2], [0, 2, 0, 0]])
-  counts = visualize.cooccurrence(labels, preds, num_classes_a=4, num_classes_b=3)
+  counts = scores.cooccurrence(labels, preds, num_classes_a=4, num_classes_b=3)
   want = np.array([[1, 2, 0],    # class 0: predicted 1, 1, 0
                    [2, 0, 1],    # class 1: predicted 0, 2, 0
                    [1, 0, 0],    # class 2: predicted 0
                    [0, 0, 0]])   # class 3 absent; the 255 pixel does not count
   np.testing.assert_array_equal(counts, want)
-  fractions = visualize.row_normalize(counts)
+  fractions = scores.row_normalize(counts)
   np.testing.assert_allclose(fractions, want / np.maximum(want.sum(1, keepdims=True), 1))
   np.testing.assert_array_equal(fractions[3], 0.0)
-  matches = visualize.best_matches(fractions, ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"],
+  matches = scores.best_matches(fractions, ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"],
                                    valid_rows=counts.sum(1) > 0)
   assert [(m["class_b"], m["score"]) for m in matches] == [
       ("b1", pytest.approx(2 / 3)), ("b0", pytest.approx(2 / 3)), ("b0", 1.0), (None, None)]
   assert matches[0]["runner_up"] == "b0"
   with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
-    visualize.cooccurrence(labels, preds + 1, 4, 3)
+    scores.cooccurrence(labels, preds + 1, 4, 3)
 
 
 def test_cell_centre_labels():
   label = np.arange(36 * 50).reshape(36, 50) % 7
-  got = visualize.cell_centre_labels(label, (5, 7))  # ceil(36/8), ceil(50/8)
+  got = inference.cell_centre_labels(label, (5, 7))  # ceil(36/8), ceil(50/8)
   assert got.shape == (5, 7)
   for i in range(5):
     for j in range(7):
@@ -149,7 +152,7 @@ def test_cell_centre_labels():
 
 def test_sample_per_class_caps_each_class():
   labels = np.array([0] * 10 + [1] * 3 + [255] * 5 + [4] * 7)
-  idx = visualize.sample_per_class(labels, 4, np.random.default_rng(0))
+  idx = scores.sample_per_class(labels, 4, np.random.default_rng(0))
   picked = labels[idx]
   assert np.all(np.diff(idx) > 0)
   assert {c: int(np.sum(picked == c)) for c in (0, 1, 4, 255)} == {0: 4, 1: 3, 4: 4, 255: 0}
@@ -158,13 +161,13 @@ def test_sample_per_class_caps_each_class():
 # ---------------------------------------------------------------------------- figures
 
 def test_heatmap_and_tsne_write_valid_pngs(tmp_path):
-  heat = visualize.plot_heatmap(np.array([[0.1, 0.9, 0.0], [0.5, 0.25, 0.25]]),
+  heat = plots.plot_heatmap(np.array([[0.1, 0.9, 0.0], [0.5, 0.25, 0.25]]),
                                 ["sky", "road"], ["ceiling", "floor", "wall"],
                                 str(tmp_path / "sub" / "heat.png"), title="t", xlabel="B",
                                 ylabel="A", vmin=0, vmax=1)
   assert_png(heat)
   with pytest.raises(ValueError, match="does not fit"):
-    visualize.plot_heatmap(np.zeros((2, 2)), ["a"], ["b", "c"], str(tmp_path / "x.png"),
+    plots.plot_heatmap(np.zeros((2, 2)), ["a"], ["b", "c"], str(tmp_path / "x.png"),
                            title="", xlabel="", ylabel="")
 
   rng = np.random.default_rng(0)
@@ -172,16 +175,16 @@ def test_heatmap_and_tsne_write_valid_pngs(tmp_path):
   classes = np.repeat([0, 1, 0, 1], 15)
   domains = np.repeat([0, 0, 1, 1], 15)
   feats = centres[np.repeat(np.arange(4), 15)] + rng.normal(size=(60, 8))
-  points = visualize.tsne_points(feats, seed=3)
+  points = scores.tsne_points(feats, seed=3)
   assert points.shape == (60, 2) and np.all(np.isfinite(points))
-  np.testing.assert_array_equal(points, visualize.tsne_points(feats, seed=3))
+  np.testing.assert_array_equal(points, scores.tsne_points(feats, seed=3))
   # Well separated clusters stay separated: each point's nearest neighbour is in its cluster.
   d = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(60) * 1e9
   cluster = np.repeat(np.arange(4), 15)
   assert np.mean(cluster[np.argmin(d, 1)] == cluster) > 0.95
-  panel = visualize.TsnePanel("run", points, domains, classes, ("street", "indoor"),
+  panel = plots.TsnePanel("run", points, domains, classes, ("street", "indoor"),
                               (("road", "sky"), ("floor", "wall")))
-  path = visualize.plot_tsne([panel, panel], str(tmp_path / "tsne.png"))
+  path = plots.plot_tsne([panel, panel], str(tmp_path / "tsne.png"))
   assert_png(path)
   with Image.open(path) as im:
     assert im.size[0] > 1.5 * im.size[1]  # two panels side by side
@@ -199,8 +202,7 @@ def small_demo(tmp_path_factory):
 def test_agreement_is_one_when_head_is_the_folded_prototype_classifier(small_demo):
   """A head equal to embedding-conv @ normalised prototypes predicts exactly the prototypes."""
   reader = registry.get_reader("folder", os.path.join(small_demo, "indoor"))
-  dom = train.Domain("indoor", ml_collections.ConfigDict({"eval_resize": (), "eval_split": "val"}),
-                     reader, [], [], reader.list_examples("val"))
+  dom = Domain("indoor", reader, labeled=[], eval_examples=reader.list_examples("val"), index=1)
   c = reader.spec.num_classes
   # The same model as the CLI test's config builds, so both share one compilation.
   model = universal.UniversalSegmenter(encoder_channels=TINY, num_classes=(5, c),
@@ -210,14 +212,14 @@ def test_agreement_is_one_when_head_is_the_folded_prototype_classifier(small_dem
   prototypes = np.random.default_rng(1).normal(size=(c, 6)).astype(np.float32)
   unit = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
 
-  random_head = visualize.prototype_agreement(model, variables, dom, 1, prototypes, k=1,
-                                              normalization="imagenet")
+  random_head = commands.prototype_agreement(model, variables, dom, prototypes, k=1,
+                                             normalization="imagenet")
   params = jax.tree.map(np.asarray, variables["params"])
   emb = params["embedding"]
   params["head_1"] = {"kernel": np.einsum("abfd,cd->abfc", emb["kernel"], unit),
                       "bias": emb["bias"] @ unit.T}
-  folded = visualize.prototype_agreement(model, {**variables, "params": params}, dom, 1,
-                                         prototypes, k=1, normalization="imagenet")
+  folded = commands.prototype_agreement(model, {**variables, "params": params}, dom,
+                                        prototypes, k=1, normalization="imagenet")
   assert folded["num_images"] == 2
   assert folded["agreement"] > 0.999
   assert folded["prototypes"]["miou"] == pytest.approx(folded["head"]["miou"], abs=2e-3)
@@ -228,37 +230,23 @@ def test_agreement_is_one_when_head_is_the_folded_prototype_classifier(small_dem
 
 # ---------------------------------------------------------------------------- CLI end to end
 
-CONFIG_TEMPLATE = '''
-import os
-from configs import common
+CONFIG_TEMPLATE = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import tiny_demo_config
 
 def get_config():
-  c = common.base_config()
-  c.domain_names = ("street", "indoor")
-  for name in c.domain_names:
-    c.domains[name] = common.domain("folder", os.path.join({root!r}, name), crop=(32, 48))
-  c.method = "full"
-  c.num_labeled = 4
-  c.encoder_channels = {tiny!r}
-  c.embedding_dim = 6
-  c.learning_rate = 0.05
-  c.labeled_batch = 8
-  c.unlabeled_batch = 8
-  c.eval_batch = 8
-  c.total_steps = 4
-  c.checkpoint_every = 4
-  c.log_every = 4
-  c.eval_max_examples = 2
-  c.label_embeddings.source = "random"
-  return c
-'''
+  return tiny_demo_config({root!r}, embedding_dim=6, total_steps=4, checkpoint_every=4,
+                          log_every=4, eval_max_examples=2, **{{"domains.street.generate_demo": False,
+                          "domains.indoor.generate_demo": False}})
+"""
 
 
 @pytest.fixture(scope="module")
 def tiny_run(small_demo, tmp_path_factory):
   """A run directory as training leaves it: config file, checkpoint at step 4.
 
-  The state has the tree of `train.init_state`, random weights and the label
+  The state has the tree of `train_step.init_state`, random weights and the label
   embeddings of source "random"; it is not trained, because compiling a train
   step (or even an init) would dominate the test time. Restoring goes through
   the same state tree and checkpoint layout as for a trained run.
@@ -266,18 +254,19 @@ def tiny_run(small_demo, tmp_path_factory):
   """
   base = tmp_path_factory.mktemp("vis_run")
   config_path = base / "tiny_config.py"
-  config_path.write_text(CONFIG_TEMPLATE.format(root=small_demo, tiny=TINY))
+  config_path.write_text(CONFIG_TEMPLATE.format(root=small_demo,
+                                                tests=os.path.dirname(__file__)))
   spec = importlib.util.spec_from_file_location("tiny_vis_config", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   workdir = str(base / "run")
-  domains = train.build_domains(config, workdir)
-  model = train.make_model(config, [d.num_classes for d in domains])
-  tx, _ = train.make_optimizer(config)
-  embs = [embedding_stage.random_embeddings(d.num_classes, 1, config.embedding_dim,
-                                            config.seed + i) for i, d in enumerate(domains)]
-  state = random_tree(jax.eval_shape(lambda: train.init_state(
+  domains = build_domains(config, workdir)
+  model = train_step.make_model(config, [d.num_classes for d in domains])
+  tx, _ = train_step.make_optimizer(config)
+  embs = [store.random_embeddings(d.num_classes, 1, config.embedding_dim, config.seed + i)
+          for i, d in enumerate(domains)]
+  state = random_tree(jax.eval_shape(lambda: train_step.init_state(
       model, tx, jax.random.PRNGKey(0), tuple(config.domains.street.crop), tuple(embs))), seed=3)
   state["label_embeddings"] = tuple(jnp.asarray(e) for e in embs)
   state["step"] = jnp.asarray(4, jnp.int32)
@@ -288,15 +277,15 @@ def tiny_run(small_demo, tmp_path_factory):
 
 def run_cli(command, config_path, workdir, *extra):
   fv = flags.FlagValues()
-  visualize.define_flags(fv)
-  rest = fv(["visualize", command, f"--config={config_path}", f"--workdir={workdir}", *extra])
+  cli.define_flags(fv)
+  rest = fv(["analysis", command, f"--config={config_path}", f"--workdir={workdir}", *extra])
   assert rest[1:] == [command]
-  return visualize.run_command(command, fv)
+  return cli.run_command(command, fv)
 
 
 def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
   config_path, workdir, config = tiny_run
-  model, state, domains, step = visualize.restore_state(config, workdir)
+  model, state, domains, step = commands.restore_state(config, workdir)
   assert step == 4
 
   # predict_any: indoor's label space on street images.
@@ -311,9 +300,9 @@ def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
   stem = sorted(os.listdir(images))[0][:-4]
   mask = np.asarray(Image.open(tmp_path / "any" / f"{stem}_mask.png"))
   image = np.asarray(Image.open(os.path.join(images, f"{stem}.png")).convert("RGB"))
-  x = visualize._network_input(image, domains[1].config, config.normalization)
+  x = commands._network_input(image, domains[1], config.normalization)
   embed = jax.jit(lambda v, x: model.apply(v, x, train=False, logits=False, embedding=True))
-  pixel = np.asarray(embed(visualize._variables(state), x)["embedding"])
+  pixel = np.asarray(embed(runtime.model_variables(state), x)["embedding"])
   want = np.argmax(numpy_prototype_scores(pixel, state["label_embeddings"][1], 1), -1)[0]
   assert mask.shape == image.shape[:2]
   assert np.mean(mask == want) > 0.999
@@ -323,7 +312,7 @@ def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
                 "--domain_b=indoor", f"--output={tmp_path / 'corr'}")
   for key in ("similarity_png", "cooccurrence_png"):
     assert_png(out["files"][key])
-  random_embs = [embedding_stage.random_embeddings(5, 1, 6, config.seed + i) for i in (0, 1)]
+  random_embs = [store.random_embeddings(5, 1, 6, config.seed + i) for i in (0, 1)]
   np.testing.assert_allclose(out["similarity"], numpy_cosine(*random_embs), atol=1e-6)
   counts = np.asarray(out["cooccurrence_counts"])
   labelled = sum(int(np.sum(domains[0].reader.load_example(ex)["label"] != 255))

@@ -1,0 +1,360 @@
+"""The analyses: label-space-agnostic prediction, label correspondence, t-SNE of features.
+
+1. predict_any: the entropy module embeds every pixel in the space of the label embeddings,
+   so any domain's prototypes score the pixel embedding for that domain's classes
+   (`inference.prototype_scores`): any image segmented in any training domain's label set
+   without a head of its own. Its agreement with the domain's head and its mIoU on the
+   domain's evaluation split are reported alongside.
+2. correspondence: which classes of domain A align with which of domain B, (a) from the
+   cosine similarity of their label embeddings, (b) from data: A's ground truth against B's
+   head predictions on A's evaluation images.
+3. tsne: encoder features (1/8 resolution, labels at cell centres) sampled per class and
+   domain, embedded with t-SNE (the paper's Figure 4); one panel per run.
+
+Everything runs on one device (the first local one): these are small offline analyses, and
+a single device keeps them cheap on a CPU-only host.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from usss_jax import files, inference, metrics, runtime, sharding
+from usss_jax.analysis import plots, scores
+from usss_jax.data import transforms
+from usss_jax.data.base import IGNORE_LABEL, load_rgb
+from usss_jax.domains import Domain
+from usss_jax.label_embeddings import stage
+from usss_jax.label_embeddings.store import LabelEmbeddings
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = "best"):
+  """(model, state, domains, step) of `workdir` on one local device (see runtime.restore_state).
+
+  The whole train state is kept, in particular `state["label_embeddings"]` (which EMA may
+  have moved away from the saved files).
+  """
+  return runtime.restore_state(config, workdir, which,
+                               placement=sharding.replicated(sharding.single_device_mesh()))
+
+
+def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, state: dict,
+                            domains: Sequence[Domain], index: int) -> np.ndarray:
+  """[C*K, D] float32 label embeddings of domain `index`: the checkpoint's, else the saved file.
+
+  A run whose method does not use label embeddings keeps zero placeholders in its
+  state; then `<workdir>/label_embeddings/<name>.npz` is used if it exists.
+  """
+  dom = domains[index]
+  k = int(config.embeddings_per_class)
+  emb = np.asarray(jax.device_get(state["label_embeddings"][index]), np.float32)
+  if not np.any(np.linalg.norm(emb, axis=1) > 0):
+    path = os.path.join(stage.embeddings_dir(workdir), f"{dom.name}.npz")
+    if not os.path.exists(path):
+      raise ValueError(
+          f"{workdir}: the checkpoint holds no label embeddings for domain {dom.name!r} "
+          f"(method {config.method!r} does not train with them) and {path} does not exist")
+    emb = np.asarray(LabelEmbeddings.load(path).embeddings, np.float32)
+  if emb.shape[0] != dom.num_classes * k:
+    raise ValueError(f"{workdir}: label embeddings of {dom.name!r} have {emb.shape[0]} rows, "
+                     f"expected {dom.num_classes} classes x {k} prototypes")
+  if int(config.embedding_dim) and emb.shape[1] != int(config.embedding_dim):
+    raise ValueError(f"{workdir}: label embeddings of {dom.name!r} have dimension "
+                     f"{emb.shape[1]}, the model's embedding_dim is {config.embedding_dim}")
+  return emb
+
+
+def _eval_examples(dom: Domain, max_images: int) -> list:
+  """The first `max_images` (0 = all) evaluation examples of `dom`; an error when it has none."""
+  examples = dom.eval_examples[:max_images] if max_images > 0 else dom.eval_examples
+  if not examples:
+    raise ValueError(f"domain {dom.name!r} has no evaluation examples "
+                     f"(set config.domains.{dom.name}.eval_split)")
+  return examples
+
+
+def _network_input(image: np.ndarray, dom: Domain, normalization: str) -> np.ndarray:
+  """[H, W, 3] uint8 -> [1, h, w, 3] float32 as evaluation feeds it."""
+  return inference.preprocess(image, resize_hw=dom.eval_resize_hw,
+                              normalization=normalization)[None]
+
+
+def prototype_agreement(model, variables, dom: Domain, label_embeddings: np.ndarray, *,
+                        k: int, normalization: str, normalize_pixels: bool = False,
+                        max_images: int = 0) -> dict:
+  """Prototype prediction vs the domain's own head on its evaluation split.
+
+  Args:
+    model, variables: the universal model and its {"params", "batch_stats"}.
+    dom: the domain (reader, evaluation examples, eval resize, head index).
+    label_embeddings: [C*K, D] the domain's label embeddings.
+    k, normalize_pixels: see `inference.prototype_scores`.
+    normalization: input normalisation (as in training).
+    max_images: use the first `max_images` evaluation images (0 = all).
+  Returns:
+    {"domain", "num_images", "agreement": fraction of labelled pixels where both
+    argmaxes agree, "agreement_all_pixels", "head": {"miou", "pixel_accuracy",
+    "iou"}, "prototypes": {same}} (mIoU with absent classes excluded).
+  """
+  examples = _eval_examples(dom, max_images)
+  forward = inference.predictor(model, k, normalize_pixels)
+  c = dom.num_classes
+  cm_head = np.zeros((c, c + 1), np.int64)
+  cm_proto = np.zeros((c, c + 1), np.int64)
+  same_valid = valid = same_all = total = 0
+  embs = (jnp.asarray(label_embeddings),)
+  for ex in examples:
+    item = dom.reader.load_example(ex)
+    label = item["label"].astype(np.int32)
+    heads, protos = forward(variables, _network_input(item["image"], dom, normalization),
+                            embs, label.shape)
+    head, proto = np.asarray(heads[dom.index])[0], np.asarray(protos[0])[0]
+    cm_head += np.asarray(metrics.confusion_matrix(head, label, c))
+    cm_proto += np.asarray(metrics.confusion_matrix(proto, label, c))
+    mask = label != IGNORE_LABEL
+    same = head == proto
+    same_valid += int(np.sum(same & mask))
+    valid += int(np.sum(mask))
+    same_all += int(np.sum(same))
+    total += same.size
+
+  def summary(cm):
+    iou, miou = metrics.iou_from_confusion(cm)
+    return {"miou": miou, "pixel_accuracy": metrics.pixel_accuracy(cm),
+            "iou": {n: (None if np.isnan(v) else float(v))
+                    for n, v in zip(dom.classes, iou)}}
+
+  return {"domain": dom.name, "num_images": len(examples),
+          "agreement": same_valid / valid if valid else float("nan"),
+          "agreement_all_pixels": same_all / total,
+          "head": summary(cm_head), "prototypes": summary(cm_proto)}
+
+
+def _domain_index(domains, name: str | None, flag: str) -> int:
+  names = [d.name for d in domains]
+  if not name:
+    raise ValueError(f"--{flag} is required: one of {names}")
+  if name not in names:
+    raise ValueError(f"--{flag}={name!r}: not one of this config's domains {names}")
+  return names.index(name)
+
+
+def predict_any(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
+                label_space: str, output: str | None = None, which: str = "best",
+                max_images: int = 0) -> dict:
+  """Segments every image under `input_path` in `label_space`'s classes via its prototypes.
+
+  Writes `<stem>_mask.png` (class ids), `<stem>_color.png`, `<stem>_overlay.png`,
+  `legend.png`, and `agreement.json` (prototypes vs the domain's head on its own
+  evaluation split), and returns a summary.
+  """
+  if int(config.embedding_dim) <= 0:
+    raise ValueError("predict_any needs the entropy module: config.embedding_dim is 0")
+  model, state, domains, step = restore_state(config, workdir, which)
+  index = _domain_index(domains, label_space, "label_space")
+  dom = domains[index]
+  k = int(config.embeddings_per_class)
+  embs = domain_label_embeddings(config, workdir, state, domains, index)
+  variables = runtime.model_variables(state)
+  output = output or os.path.join(workdir, "visualize", f"predict_any_{dom.name}")
+  os.makedirs(output, exist_ok=True)
+  forward = inference.predictor(model, k, bool(config.normalize_pixels))
+  written = []
+  for path in inference.list_images(input_path):
+    image = load_rgb(path)
+    _, protos = forward(variables, _network_input(image, dom, config.normalization),
+                        (jnp.asarray(embs),), image.shape[:2])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    inference.save_prediction(output, stem, image, np.asarray(protos[0])[0], dom.palette)
+    written.append(stem)
+  plots.plot_legend(dom.classes, dom.palette, os.path.join(output, "legend.png"),
+                    title=dom.name)
+  agreement = prototype_agreement(model, variables, dom, embs, k=k,
+                                  normalization=config.normalization,
+                                  normalize_pixels=bool(config.normalize_pixels),
+                                  max_images=max_images)
+  agreement["step"] = step
+  files.write_json(os.path.join(output, "agreement.json"), agreement)
+  return {"label_space": dom.name, "step": step, "output": output, "images": len(written),
+          "classes": list(dom.classes),
+          "agreement": agreement["agreement"],
+          "head_miou": agreement["head"]["miou"],
+          "prototype_miou": agreement["prototypes"]["miou"]}
+
+
+def _correspondence_markdown(domain_a: str, domain_b: str, similarity_matches,
+                             data_matches, pixels: np.ndarray) -> str:
+  lines = [f"# Label correspondence: {domain_a} -> {domain_b}", "",
+           f"Prototype cosine: label-embedding similarity (-1..1). Co-occurrence: fraction of "
+           f"{domain_a} ground-truth pixels of the class that head `{domain_b}` labels as the "
+           "match.", "",
+           f"| {domain_a} class | pixels | {domain_b} by prototype cosine | cosine "
+           f"| {domain_b} by co-occurrence | fraction |",
+           "|---|---:|---|---:|---|---:|"]
+
+  def cell(match):
+    if match is None or match["class_b"] is None:
+      return "-", "-"
+    return match["class_b"], f"{match['score']:.3f}"
+
+  for i, data in enumerate(data_matches):
+    sim = similarity_matches[i] if similarity_matches else None
+    s_name, s_score = cell(sim)
+    d_name, d_score = cell(data)
+    lines.append(f"| {data['class_a']} | {int(pixels[i])} | {s_name} | {s_score} | "
+                 f"{d_name} | {d_score} |")
+  return "\n".join(lines) + "\n"
+
+
+def correspondence(config: ml_collections.ConfigDict, workdir: str, *, domain_a: str,
+                   domain_b: str, output: str | None = None, which: str = "best",
+                   max_images: int = 0) -> dict:
+  """Class alignment of domain A to domain B: heat maps, Markdown and JSON tables.
+
+  (a) cosine similarity of the label embeddings [C_A, C_B] (skipped, with a note,
+  when the run has none); (b) A's ground truth vs head B's argmax on A's
+  evaluation images, row-normalised [C_A, C_B].
+  """
+  model, state, domains, step = restore_state(config, workdir, which)
+  ia = _domain_index(domains, domain_a, "domain_a")
+  ib = _domain_index(domains, domain_b, "domain_b")
+  dom_a, dom_b = domains[ia], domains[ib]
+  names_a, names_b = dom_a.classes, dom_b.classes
+  output = output or os.path.join(workdir, "visualize", "correspondence")
+  os.makedirs(output, exist_ok=True)
+  tag = f"{dom_a.name}_{dom_b.name}"
+  result: dict[str, Any] = {"domain_a": dom_a.name, "domain_b": dom_b.name, "step": step,
+                            "classes_a": list(names_a), "classes_b": list(names_b),
+                            "files": {}}
+
+  k = int(config.embeddings_per_class)
+  similarity_matches = None
+  try:
+    emb_a = domain_label_embeddings(config, workdir, state, domains, ia)
+    emb_b = domain_label_embeddings(config, workdir, state, domains, ib)
+  except ValueError as e:
+    result["similarity_note"] = str(e)
+  else:
+    similarity = scores.prototype_similarity(emb_a, emb_b, k, k)
+    similarity_matches = scores.best_matches(similarity, names_a, names_b)
+    result["similarity"] = similarity.tolist()
+    result["similarity_matches"] = similarity_matches
+    result["files"]["similarity_png"] = plots.plot_heatmap(
+        similarity, names_a, names_b, os.path.join(output, f"similarity_{tag}.png"),
+        title=f"Label-embedding cosine: {dom_a.name} vs {dom_b.name}",
+        xlabel=f"{dom_b.name} class", ylabel=f"{dom_a.name} class", vmin=-1.0, vmax=1.0,
+        cmap="RdBu_r")
+
+  examples = _eval_examples(dom_a, max_images)
+  forward = inference.predictor(model)
+  variables = runtime.model_variables(state)
+  counts = np.zeros((len(names_a), len(names_b)), np.int64)
+  for ex in examples:
+    item = dom_a.reader.load_example(ex)
+    label = item["label"].astype(np.int32)
+    heads, _ = forward(variables, _network_input(item["image"], dom_a, config.normalization),
+                       (), label.shape)
+    counts += scores.cooccurrence(label, np.asarray(heads[ib])[0], len(names_a), len(names_b))
+  pixels = counts.sum(axis=1)
+  fractions = scores.row_normalize(counts)
+  data_matches = scores.best_matches(fractions, names_a, names_b, valid_rows=pixels > 0)
+  result.update(num_images=len(examples), cooccurrence_counts=counts.tolist(),
+                cooccurrence=fractions.tolist(), cooccurrence_matches=data_matches,
+                pixels_per_class_a=pixels.tolist())
+  result["files"]["cooccurrence_png"] = plots.plot_heatmap(
+      fractions, names_a, names_b, os.path.join(output, f"cooccurrence_{tag}.png"),
+      title=f"{dom_a.name} ground truth vs head {dom_b.name} ({len(examples)} images)",
+      xlabel=f"{dom_b.name} head prediction", ylabel=f"{dom_a.name} ground truth",
+      vmin=0.0, vmax=1.0)
+  result["files"]["markdown"] = files.write_text(
+      os.path.join(output, f"correspondence_{tag}.md"),
+      _correspondence_markdown(dom_a.name, dom_b.name, similarity_matches, data_matches, pixels))
+  result["files"]["json"] = os.path.join(output, f"correspondence_{tag}.json")
+  files.write_json(result["files"]["json"], result)
+  return result
+
+
+def sample_features(model, variables, domains: Sequence[Domain], *,
+                    normalization: str, per_class: int, max_pixels_per_image: int,
+                    seed: int, max_images: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Encoder features of up to `per_class` pixels per class and domain (eval images).
+
+  As the label-embedding stage (`stage.feature_label_batches`) samples
+  them: features at 1/8 resolution, labels at the cell centres, at most
+  `max_pixels_per_image` labelled cells per image; then `per_class` per class.
+  Returns:
+    (features [N, F] float32, domain_ids [N] int32, class_ids [N] int32).
+  """
+  rng = np.random.default_rng(seed)
+  features_of = inference.features_fn(model)
+  feats, doms, classes = [], [], []
+  for d, dom in enumerate(domains):
+    examples = _eval_examples(dom, max_images)
+    dom_feats, dom_labels = [], []
+    for ex in examples:
+      x = transforms.eval_transform(dom.reader.load_example(ex), resize_hw=dom.eval_resize_hw,
+                                    normalization=normalization)
+      f, lab = inference.sampled_features(features_of, variables, x["image"], x["label"],
+                                          max_pixels=max_pixels_per_image, rng=rng)
+      dom_feats.append(f)
+      dom_labels.append(lab)
+    f, lab = np.concatenate(dom_feats), np.concatenate(dom_labels)
+    keep = scores.sample_per_class(lab, per_class, rng)
+    feats.append(f[keep])
+    classes.append(lab[keep].astype(np.int32))
+    doms.append(np.full(len(keep), d, np.int32))
+  return np.concatenate(feats), np.concatenate(doms), np.concatenate(classes)
+
+
+def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None = None,
+         compare_workdir: str | None = None, labels: Sequence[str] = (),
+         compare_config: ml_collections.ConfigDict | None = None, which: str = "best",
+         per_class: int = 200, max_pixels_per_image: int = 512, perplexity: float = 30.0,
+         seed: int = 0, max_images: int = 0) -> dict:
+  """t-SNE of encoder features per class and domain; one panel per run.
+
+  The second run (`compare_workdir`) is restored with `compare_config`, else its
+  own `config.json`, else `config`. Writes the PNG and an .npz of the points.
+  """
+  runs = [(workdir, config)]
+  if compare_workdir:
+    runs.append((compare_workdir,
+                 compare_config or runtime.run_config(compare_workdir, config)))
+  labels = [s for s in labels if s]
+  if labels and len(labels) != len(runs):
+    raise ValueError(f"--labels names {len(labels)} panels ({labels}) but there are "
+                     f"{len(runs)} runs")
+  output = output or os.path.join(workdir, "visualize", "tsne.png")
+  if not output.lower().endswith(".png"):
+    output = os.path.join(output, "tsne.png")
+  panels, arrays, info = [], {}, []
+  for r, (run_dir, run_config) in enumerate(runs):
+    model, state, domains, step = restore_state(run_config, run_dir, which)
+    feats, dom_ids, cls_ids = sample_features(
+        model, runtime.model_variables(state), domains, normalization=run_config.normalization,
+        per_class=per_class, max_pixels_per_image=max_pixels_per_image, seed=seed,
+        max_images=max_images)
+    points = scores.tsne_points(feats, seed=seed, perplexity=perplexity)
+    # The method the run trained with (a --config.method override is not in the file).
+    method = runtime.run_config(run_dir, run_config).get("method", run_config.method)
+    title = labels[r] if labels else (
+        f"{os.path.basename(os.path.normpath(run_dir))} ({method}, step {step})")
+    panels.append(plots.TsnePanel(title, points, dom_ids, cls_ids,
+                                  tuple(d.name for d in domains),
+                                  tuple(tuple(d.classes) for d in domains)))
+    arrays.update({f"points_{r}": points, f"domain_ids_{r}": dom_ids,
+                   f"class_ids_{r}": cls_ids})
+    info.append({"workdir": os.path.abspath(run_dir), "title": title, "step": step,
+                 "method": method, "num_points": int(len(points)),
+                 "domains": [d.name for d in domains]})
+  plots.plot_tsne(panels, output)
+  npz_path = os.path.splitext(output)[0] + ".npz"
+  np.savez(npz_path, **arrays)
+  return {"output": output, "points": npz_path, "panels": info}

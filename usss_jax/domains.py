@@ -1,0 +1,116 @@
+"""Domains: one record per dataset of a run, resolved from the config.
+
+A `Domain` is what every later stage needs to know about one dataset: its reader (label
+space, decoding), the reproducible labeled / unlabeled split of its training images, its
+evaluation examples, and how images are cropped and resized. The input pipeline, evaluation,
+the label-embedding stage and the analyses all take `Domain`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from usss_jax.data import demo, registry, splits
+from usss_jax.data.base import DatasetReader, DatasetSpec, Example
+
+
+@dataclasses.dataclass
+class Domain:
+  """One dataset of a run.
+
+  Attributes:
+    name: the domain's name (key of `config.domains`, of batches and of results).
+    index: its head index (position in `config.domain_names`).
+    reader: decodes examples; `reader.spec` is the label space.
+    labeled / unlabeled: training examples of the two streams.
+    eval_examples: examples of the evaluation split (may be empty).
+    crop_hw: training crop (H, W).
+    resize_hw: fixed (H, W) every training image is resized to first (None = keep).
+    eval_resize_hw: (H, W) the network sees at evaluation (None = full resolution); logits
+      are resized back, so metrics are at label resolution.
+    scale_range: random scale factor range of training crops.
+    flip: random horizontal flips of training crops.
+  """
+  name: str
+  reader: DatasetReader
+  labeled: list[Example]
+  unlabeled: list[Example] = dataclasses.field(default_factory=list)
+  eval_examples: list[Example] = dataclasses.field(default_factory=list)
+  index: int = 0
+  crop_hw: tuple[int, int] | None = None
+  resize_hw: tuple[int, int] | None = None
+  eval_resize_hw: tuple[int, int] | None = None
+  scale_range: tuple[float, float] = (1.0, 1.0)
+  flip: bool = True
+
+  @property
+  def spec(self) -> DatasetSpec:
+    return self.reader.spec
+
+  @property
+  def num_classes(self) -> int:
+    return self.reader.spec.num_classes
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    return self.reader.spec.classes
+
+  @property
+  def palette(self) -> np.ndarray:
+    """[C, 3] uint8."""
+    return self.reader.spec.palette_array()
+
+
+def _hw(value) -> tuple[int, int] | None:
+  return tuple(int(v) for v in value) if value else None
+
+
+def make_reader(domain_config: ml_collections.ConfigDict) -> DatasetReader:
+  """The reader of one `config.domains.<name>` entry (writing the demo data on first use)."""
+  if domain_config.get("generate_demo", False):
+    demo.ensure_demo_data(os.path.dirname(os.path.abspath(os.path.expanduser(
+        domain_config.root))))
+  options = domain_config.options.to_dict() if "options" in domain_config else {}
+  return registry.get_reader(domain_config.dataset, domain_config.root, **options)
+
+
+def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domain]:
+  """Readers and reproducible labeled/unlabeled splits (written to <workdir>/splits)."""
+  out = []
+  for index, name in enumerate(config.domain_names):
+    dc = config.domains[name]
+    reader = make_reader(dc)
+    train_examples = reader.list_examples(dc.train_split)
+    held_out = []
+    if dc.get("holdout", 0) > 0:
+      # Validation data carved out of the training split, the same for every run.
+      held_out, train_examples = splits.hold_out(train_examples, dc.holdout)
+    split = splits.load_or_make_split(
+        train_examples, os.path.join(workdir, "splits"), name, config.num_labeled, config.seed,
+        unlabeled_includes_labeled=config.unlabeled_includes_labeled)
+    if dc.eval_split == "holdout":
+      eval_examples = held_out
+    else:
+      eval_examples = reader.list_examples(dc.eval_split) if dc.eval_split else []
+    for split_name, files in (getattr(reader, "skipped", None) or {}).items():
+      if files:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
+        print(f"{name}: skipped {len(files)} unpaired file(s) in split {split_name!r}, "
+              f"e.g. {files[0]}", file=sys.stderr)
+    if config.eval_max_examples > 0:
+      eval_examples = eval_examples[:config.eval_max_examples]
+    out.append(Domain(
+        name=name, reader=reader, labeled=split.labeled, unlabeled=split.unlabeled,
+        eval_examples=eval_examples, index=index, crop_hw=_hw(dc.crop),
+        resize_hw=_hw(dc.resize), eval_resize_hw=_hw(dc.get("eval_resize", ())),
+        scale_range=tuple(float(v) for v in dc.scale_range), flip=bool(dc.flip)))
+  return out
+
+
+def names(domains: Sequence[Domain]) -> list[str]:
+  return [d.name for d in domains]
