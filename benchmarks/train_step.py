@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import common as config_common  # noqa: E402
 from usss_jax import config as config_lib  # noqa: E402
-from usss_jax import sharding, train_step  # noqa: E402
+from usss_jax import convert, sharding, train_step  # noqa: E402
 from usss_jax.label_embeddings import store  # noqa: E402
+from usss_jax.models import drn  # noqa: E402
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -67,6 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="mesh size (default: all devices)")
   parser.add_argument("--matmul-size", type=int, default=None,
                       help="n of the n x n matmul peak probe (default 2048 on CPU, 8192 else)")
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also time benchmarks/torch_step.py (the PyTorch step) on the same "
+                           "weights and batch, check its losses and print the ratio")
+  parser.add_argument("--torch-python", default=os.environ.get("USSS_TORCH_PYTHON", "python3"),
+                      help="interpreter with torch for --compare-torch (torch is not a project "
+                           "dependency; default $USSS_TORCH_PYTHON or python3)")
+  parser.add_argument("--torch-threads", type=int, default=2)
+  parser.add_argument("--torch-low-res-scores", action="store_true",
+                      help="torch step takes the entropy scores at 1/8 resolution, as ours does "
+                           "(default: the reference's order, upsampled embedding first)")
   parser.add_argument("--tiny", action="store_true",
                       help="smoke preset: tiny widths, 32x64 images, 1 warm-up, 2 steps")
   common.add_output_flags(parser)
@@ -100,7 +115,7 @@ def make_config(args):
   return config
 
 
-def random_batch(args, names, spec, sharding, seed: int = 0) -> dict:
+def random_batch(args, names, spec, placement, seed: int = 0) -> dict:
   """{name: {"labeled": {"image", "label"}, "unlabeled": {"image"}}} on the devices."""
   rng = np.random.default_rng(seed)
   hw = (args.height, args.width)
@@ -112,7 +127,59 @@ def random_batch(args, names, spec, sharding, seed: int = 0) -> dict:
     if spec.uses_unlabeled and args.unlabeled > 0:
       batch[name]["unlabeled"] = {
           "image": rng.standard_normal((args.unlabeled, *hw, 3), np.float32)}
-  return jax.device_put(batch, sharding)
+  return jax.device_put(batch, placement)
+
+
+def torch_inputs(path: str, state: dict, batch: dict, names, config) -> str:
+  """Writes the step's initial weights and batch as benchmarks/torch_step.py --inputs reads them."""
+  host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"],
+                         "label_embeddings": state["label_embeddings"], "batch": batch})
+  encoder = drn.make_encoder(config.encoder, tuple(config.encoder_channels) or None)
+  arrays = {f"encoder/{k}": v for k, v in convert.drn_variables_to_torch(
+      {"params": host["params"]["encoder"], "batch_stats": host["batch_stats"]["encoder"]},
+      encoder).items()}
+  as_torch = lambda kernel: np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))
+  for d, name in enumerate(names):
+    head = host["params"][f"head_{d}"]
+    arrays[f"head_{d}/weight"], arrays[f"head_{d}/bias"] = as_torch(head["kernel"]), head["bias"]
+    arrays[f"label_embeddings/{d}"] = np.asarray(host["label_embeddings"][d])
+    for split, values in host["batch"][name].items():
+      for key, value in values.items():
+        arrays[f"batch/{d}/{split}/{key}"] = np.asarray(value)
+  if "embedding" in host["params"]:
+    arrays["embedding/weight"] = as_torch(host["params"]["embedding"]["kernel"])
+    arrays["embedding/bias"] = np.asarray(host["params"]["embedding"]["bias"])
+  arrays["domain_names"] = np.array(names)
+  np.savez(path, **arrays)
+  return path
+
+
+def run_torch(args, inputs: str) -> dict:
+  """benchmarks/torch_step.py on the same weights and batch, in --torch-python's interpreter."""
+  out = os.path.join(os.path.dirname(inputs), "torch.json")
+  cmd = [args.torch_python, os.path.join(REPO, "benchmarks", "torch_step.py"), "--inputs",
+         inputs, "--method", args.method, "--encoder", args.encoder, "--steps", str(args.steps),
+         "--warmup", str(args.warmup), "--threads", str(args.torch_threads), "--json",
+         "--json-out", out]
+  if args.encoder_channels:
+    cmd += ["--encoder-channels", ",".join(map(str, args.encoder_channels))]
+  if args.torch_low_res_scores:
+    cmd.append("--low-res-scores")
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"torch step failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+  with open(out) as f:
+    return json.load(f)
+
+
+def compare_losses(jax_metrics: dict, torch_result: dict) -> dict:
+  """Per term (JAX, torch, relative difference) of the first step's losses on the same inputs."""
+  rows = {}
+  for name, torch_value in torch_result["check"].items():
+    if name in jax_metrics:
+      ours = float(jax_metrics[name])
+      rows[name] = (ours, torch_value, abs(ours - torch_value) / max(abs(ours), 1e-12))
+  return rows
 
 
 def run(args) -> dict:
@@ -157,8 +224,11 @@ def run(args) -> dict:
     holder["state"], metrics = compiled(holder["state"], batch)
     return holder["state"], metrics
 
+  workdir = tempfile.mkdtemp(prefix="usss_train_step_")
+  if args.compare_torch:  # before the first step: it donates (deletes) the initial state
+    inputs = torch_inputs(os.path.join(workdir, "inputs.npz"), state, batch, names, config)
   first_start = time.perf_counter()
-  jax.block_until_ready(step())
+  first_metrics = jax.device_get(jax.block_until_ready(step())[1])
   first_step_s = time.perf_counter() - first_start
   timing = common.time_calls(step, warmup=max(args.warmup - 1, 0), steps=args.steps)
   loss = float(jax.device_get(step()[1]["loss"]))
@@ -169,6 +239,11 @@ def run(args) -> dict:
   images = len(names) * (args.labeled + (args.unlabeled if spec.uses_unlabeled else 0))
   seconds = timing["median_s"]
   achieved = flops / seconds / 1e9 if flops else None
+  torch_result = losses_check = None
+  if args.compare_torch:
+    torch_result = run_torch(args, inputs)
+    losses_check = compare_losses(first_metrics, torch_result)
+  shutil.rmtree(workdir, ignore_errors=True)
   return {
       "benchmark": "train_step",
       "machine": info,
@@ -203,6 +278,10 @@ def run(args) -> dict:
       "host_peak_rss_bytes": host_peak,
       "device_peak_bytes": device_mem["peak_bytes"] if device_mem else None,
       "xla_planned_bytes": planned,
+      "torch": torch_result,
+      "torch_seconds_per_step": torch_result["seconds_per_step"] if torch_result else None,
+      "speedup_vs_torch": (torch_result["seconds_per_step"] / seconds) if torch_result else None,
+      "torch_loss_check": losses_check,
   }
 
 
@@ -235,9 +314,22 @@ def table(r: dict) -> str:
       ("peak device MiB (incl. compile/autotune)", common.mib(r["device_peak_bytes"])),
       ("XLA memory plan MiB (args+out+temp-alias)", common.mib(r["xla_planned_bytes"])),
       ("loss after the timed steps", r["final_loss"]),
+      *(_torch_rows(r) if r["torch"] else []),
       ("load average start / end", f"{r['machine']['load_average']} / {r['load_average_end']}"),
   ]
   return (common.header(title, r["machine"]) + "\n" + common.format_pairs(pairs))
+
+
+def _torch_rows(r: dict) -> list:
+  t, check = r["torch"], r["torch_loss_check"]
+  worst = max(v[2] for v in check.values()) if check else None
+  return [
+      (f"PyTorch {t['torch_version']} step s/step (median, {t['threads']} threads)",
+       t["seconds_per_step"]),
+      ("  PyTorch busy cores", t["busy_cores"]),
+      ("speedup vs PyTorch (torch s / ours s)", r["speedup_vs_torch"]),
+      (f"first-step losses: worst relative difference ({len(check)} terms)", worst),
+  ]
 
 
 def main(argv=None) -> None:

@@ -28,9 +28,13 @@ def make_batch(seed=0, b=8):
   for n, c in zip(NAMES, CLASSES):
     label = rng.integers(0, c, size=(b, *HW)).astype(np.int32)
     label[:, :2] = 255
+    box = np.zeros((b, *HW), bool)
+    box[:, 3:9, 4:14] = True
     batch[n] = {"labeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
                             "label": label},
-                "unlabeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32)}}
+                "unlabeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
+                              "strong": rng.normal(size=(b, *HW, 3)).astype(np.float32),
+                              "cutmix_mask": box, "valid": np.ones((b, *HW), bool)}}
   return batch
 
 
@@ -57,7 +61,7 @@ def test_loss_composition(method):
   _, m = jax.jit(step)(copy_tree(state), batch)
   m = jax.device_get(m)
   sup = m["supervised/a"] + m["supervised/b"]
-  has = lambda prefix: any(k.startswith(prefix) for k in m)
+  has = lambda term: any(k.startswith(term + "/") for k in m)
   if method in ("single", "basic"):
     assert not has("within") and not has("cross") and not has("ser")
     np.testing.assert_allclose(m["loss"], sup, rtol=1e-6)
@@ -74,9 +78,18 @@ def test_loss_composition(method):
                       head=0, logits=False, embedding=True, mutable=["batch_stats"])[0]
     assert np.isfinite(float(losses.within_domain_entropy(emb["embedding"],
                                                           state["label_embeddings"], 0)))
-  else:  # ser
+  elif method == "ser":
     assert has("ser") and not has("cross") and not has("within")
     np.testing.assert_allclose(m["loss"], sup + 0.5 * (m["ser/a"] + m["ser/b"]), rtol=1e-6)
+  elif method == "consistency":
+    assert has("consistency") and not has("cross") and not has("within") and not has("ser")
+    np.testing.assert_allclose(m["loss"], sup + m["consistency/a"] + m["consistency/b"],
+                               rtol=1e-6)
+  else:  # universal: the terms of full plus consistency
+    assert method == "universal" and has("consistency") and has("cross") and has("within")
+    want = (sup + 2.0 * (m["cross/a"] + m["cross/b"]) + 3.0 * (m["within/a"] + m["within/b"])
+            + m["consistency/a"] + m["consistency/b"])
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-6)
 
 
 def test_single_freezes_encoder_for_other_domains():
