@@ -97,8 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 1e-4
   c.poly_power = 0.9
-  c.labeled_batch = 10    # per domain, global
+  c.labeled_batch = 10    # per domain, global (split over the devices)
   c.unlabeled_batch = 10  # per domain, global; the unlabeled:labeled ratio
+  c.batch_per_device = False  # True: the three batch sizes are per device (x device count)
   c.total_steps = 20000
   c.normalization = "imagenet"  # imagenet | none (the reference fed raw [0, 1] pixels)
   c.workers = 0           # grain worker processes per stream

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import TINY
 from usss_jax import checkpoint as ckpt_lib
-from usss_jax import inference, runtime, train_step
+from usss_jax import inference, train_step
 from usss_jax.analysis import __main__ as cli
 from usss_jax.analysis import commands, plots, scores
 from usss_jax.data import demo, registry
@@ -302,7 +302,7 @@ def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
   image = np.asarray(Image.open(os.path.join(images, f"{stem}.png")).convert("RGB"))
   x = commands._network_input(image, domains[1], config.normalization)
   embed = jax.jit(lambda v, x: model.apply(v, x, train=False, logits=False, embedding=True))
-  pixel = np.asarray(embed(runtime.model_variables(state), x)["embedding"])
+  pixel = np.asarray(embed(train_step.model_variables(state), x)["embedding"])
   want = np.argmax(numpy_prototype_scores(pixel, state["label_embeddings"][1], 1), -1)[0]
   assert mask.shape == image.shape[:2]
   assert np.mean(mask == want) > 0.999

@@ -102,10 +102,10 @@ def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
   events = _read_events(_event_file(tmp_path))
   assert events[0].file_version == "brain.Event:2"
   scalars = _scalars(events)
-  assert scalars["loss"] == [(10, 0.125), (20, 0.0625)]
-  assert scalars["entropy/cityscapes"] == [(10, 1.5)]
-  assert scalars["lr"][1][0] == 20
-  assert scalars["lr"][1][1] == pytest.approx(0.009, rel=1e-6)
+  assert scalars["train/loss"] == [(10, 0.125), (20, 0.0625)]
+  assert scalars["train/entropy/cityscapes"] == [(10, 1.5)]
+  assert scalars["train/lr"][1][0] == 20
+  assert scalars["train/lr"][1][1] == pytest.approx(0.009, rel=1e-6)
 
   # A second writer (a resumed run) appends to metrics.jsonl.
   with MetricWriter(str(tmp_path), tensorboard=False) as writer:
@@ -134,9 +134,10 @@ def test_eval_results_nested(tmp_path):
                                  "class_names": ["road", "sky", "car"], "num_images": 3},
                   "idd": {"miou": float(np.float32(0.3))}}
   scalars = _scalars(_read_events(_event_file(tmp_path)))
-  assert set(scalars) == {"mean_miou", "cityscapes/miou", "cityscapes/num_images", "idd/miou"}
-  assert scalars["cityscapes/miou"] == [(100, 0.5)]
-  assert scalars["idd/miou"][0][1] == pytest.approx(0.3, rel=1e-6)
+  assert set(scalars) == {"eval/mean_miou", "eval/cityscapes/miou",
+                          "eval/cityscapes/num_images", "eval/idd/miou"}
+  assert scalars["eval/cityscapes/miou"] == [(100, 0.5)]
+  assert scalars["eval/idd/miou"][0][1] == pytest.approx(0.3, rel=1e-6)
 
 
 def test_images_read_back_exactly(tmp_path):

@@ -1,7 +1,5 @@
 """The pure train step: loss composition per method, sharded == unsharded, determinism."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections

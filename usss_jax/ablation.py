@@ -37,7 +37,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from usss_jax import config as config_lib
-from usss_jax import files, runtime
+from usss_jax import files, runtime, train_step
 from usss_jax.analysis import plots
 from usss_jax.data import registry
 from usss_jax.label_embeddings import stage
@@ -87,7 +87,7 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
     return
   model, state, domains, _ = runtime.restore_state(config, workdir, which="latest")
   dom = next(d for d in domains if d.name == source)
-  computed = stage.compute_for_domain(config, model, runtime.model_variables(state), dom)
+  computed = stage.compute_for_domain(config, model, train_step.model_variables(state), dom)
   computed.source = f"single-source run {workdir}"
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   computed.save(out_path)

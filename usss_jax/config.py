@@ -30,6 +30,7 @@ LABEL_EMBEDDING_METHODS = ("cross", "full", "universal")
 # growing the embedding), "infomax" = cosine / temperature and E[H(p)] - H(E[p]).
 ALIGNMENTS = ("reference", "infomax")
 TEACHERS = ("student", "ema")  # who labels the weak view: the model itself, or its EMA
+BATCH_KEYS = ("labeled_batch", "unlabeled_batch", "eval_batch")
 
 
 class ConfigError(ValueError):
@@ -127,15 +128,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.embedding_dim={config.embedding_dim}: method "
                       f"{config.method!r} needs the entropy module")
   n_dev = jax.device_count()
-  for key in ("labeled_batch", "unlabeled_batch", "eval_batch"):
+  for key in BATCH_KEYS:
     value = config[key]
-    if value < 0 or (value > 0 and value % n_dev):
-      raise ConfigError(f"config.{key}={value} must be a multiple of the {n_dev} devices")
+    if value < 0:
+      raise ConfigError(f"config.{key}={value} must be >= 0")
+    if not config.batch_per_device and value % n_dev:
+      lower, upper = value // n_dev * n_dev, -(-value // n_dev) * n_dev
+      choices = " or ".join(str(v) for v in (lower, upper) if v > 0)
+      raise ConfigError(
+          f"config.{key}={value} is not a multiple of the {n_dev} devices the batch is split "
+          f"over: use {choices}, or --config.batch_per_device=True to mean {value} per device "
+          f"({value * n_dev} in all)")
   if config.labeled_batch == 0:
     raise ConfigError("config.labeled_batch must be positive")
   for key in ("total_steps", "eval_every", "checkpoint_every", "log_every"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
+
+
+def global_batch(config: ml_collections.ConfigDict, key: str) -> int:
+  """The global batch size of `config.<key>` (per domain), honouring `batch_per_device`."""
+  return int(config[key]) * (jax.device_count() if config.batch_per_device else 1)
 
 
 def loss_spec_from_config(config: ml_collections.ConfigDict) -> LossSpec:

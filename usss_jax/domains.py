@@ -16,6 +16,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from usss_jax import files
 from usss_jax.data import demo, registry, splits
 from usss_jax.data.base import DatasetReader, DatasetSpec, Example
 
@@ -67,6 +68,56 @@ class Domain:
     return self.reader.spec.palette_array()
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+  """What a trained model predicts for a domain, without its data: classes, colours, input size.
+
+  Saved at training time (`save_label_spaces`) so that a run directory alone can segment
+  images (`usss_jax.Segmenter`).
+  """
+  name: str
+  classes: tuple[str, ...]
+  palette: tuple[tuple[int, int, int], ...]
+  crop_hw: tuple[int, int] | None = None
+  eval_resize_hw: tuple[int, int] | None = None
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def palette_array(self) -> np.ndarray:
+    """[C, 3] uint8."""
+    return np.asarray(self.palette, np.uint8).reshape(-1, 3)
+
+
+LABEL_SPACES_FILE = "label_spaces.json"
+
+
+def label_space(domain: Domain) -> LabelSpace:
+  return LabelSpace(domain.name, tuple(domain.classes),
+                    tuple(tuple(int(v) for v in c) for c in domain.spec.palette),
+                    domain.crop_hw, domain.eval_resize_hw)
+
+
+def save_label_spaces(workdir: str, domains: Sequence[Domain]) -> str:
+  """Writes `<workdir>/label_spaces.json`: per domain its classes, palette and sizes."""
+  return files.write_json(os.path.join(workdir, LABEL_SPACES_FILE),
+                          {"domains": [dataclasses.asdict(label_space(d)) for d in domains]})
+
+
+def load_label_spaces(workdir: str) -> list[LabelSpace]:
+  """The label spaces a run was trained with, in head order."""
+  path = os.path.join(workdir, LABEL_SPACES_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file; {workdir} is not a run directory of this "
+                            "version (train it again, or pass --config to read its datasets)")
+  entries = files.read_json(path, "label spaces")["domains"]
+  return [LabelSpace(e["name"], tuple(e["classes"]), tuple(tuple(c) for c in e["palette"]),
+                     tuple(e["crop_hw"]) if e["crop_hw"] else None,
+                     tuple(e["eval_resize_hw"]) if e["eval_resize_hw"] else None)
+          for e in entries]
+
+
 def _hw(value) -> tuple[int, int] | None:
   return tuple(int(v) for v in value) if value else None
 
@@ -98,10 +149,10 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
       eval_examples = held_out
     else:
       eval_examples = reader.list_examples(dc.eval_split) if dc.eval_split else []
-    for split_name, files in (getattr(reader, "skipped", None) or {}).items():
-      if files:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
-        print(f"{name}: skipped {len(files)} unpaired file(s) in split {split_name!r}, "
-              f"e.g. {files[0]}", file=sys.stderr)
+    for split_name, skipped in (getattr(reader, "skipped", None) or {}).items():
+      if skipped:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
+        print(f"{name}: skipped {len(skipped)} unpaired file(s) in split {split_name!r}, "
+              f"e.g. {skipped[0]}", file=sys.stderr)
     if config.eval_max_examples > 0:
       eval_examples = eval_examples[:config.eval_max_examples]
     out.append(Domain(
@@ -111,6 +162,3 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
         scale_range=tuple(float(v) for v in dc.scale_range), flip=bool(dc.flip)))
   return out
 
-
-def names(domains: Sequence[Domain]) -> list[str]:
-  return [d.name for d in domains]

@@ -130,3 +130,32 @@ def summary(results: dict, names: Sequence[str]) -> dict:
                 "iou": {c: v for c, v in r["iou"].items() if v is not None},
                 "num_images": r["num_images"]}
   return out
+
+
+def prediction_panels(model, variables, domains: Sequence[Domain], *, normalization: str,
+                      num_images: int = 3) -> dict[str, np.ndarray]:
+  """TensorBoard images of the first evaluation images: image | prediction | ground truth.
+
+  Returns:
+    {"eval/<domain>/prediction": [N, H, 3 * W, 3] uint8} (colours of the domain's palette;
+    ignore pixels of the ground truth black).
+  """
+  variables = sharding.to_local_replicated(variables, sharding.single_device_mesh())
+  panels = {}
+  for dom in domains:
+    rows = []
+    for ex in dom.eval_examples[:num_images]:
+      item = dom.reader.load_example(ex)
+      x = inference.preprocess(item["image"], resize_hw=dom.eval_resize_hw,
+                               normalization=normalization)[None]
+      pred = np.asarray(_argmax_step(model, variables, x, dom.index, item["label"].shape))[0]
+      rows.append(np.concatenate([item["image"], inference.colorize(pred, dom.palette),
+                                  inference.colorize(item["label"], dom.palette)], axis=1))
+    if rows and len({r.shape for r in rows}) == 1:
+      panels[f"eval/{dom.name}/prediction"] = np.stack(rows)
+  return panels
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _argmax_step(model, variables, images, head, out_hw):
+  return jnp.argmax(inference.head_logits(model, variables, images, head, out_hw), axis=-1)

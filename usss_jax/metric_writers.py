@@ -123,7 +123,7 @@ class MetricWriter:
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], *,
                     kind: str = "train") -> None:
-    """One JSON line {"step", "kind", **scalars} plus one TensorBoard scalar each."""
+    """One JSON line {"step", "kind", **scalars} plus one TensorBoard scalar "<kind>/<name>"."""
     if not self.enabled:
       return
     self._check_reserved(scalars)
@@ -133,13 +133,13 @@ class MetricWriter:
                       **{name: _to_plain(v, name) for name, v in numbers.items()}})
     if self._tb is not None:
       for name, value in numbers.items():
-        self._tb.add_scalar(name, float(value), step)
+        self._tb.add_scalar(f"{kind}/{name}", float(value), step)
 
   def write_eval(self, step: int, results: Mapping[str, Any]) -> None:
     """JSON line {"step", "kind": "eval", **results} (nested, arrays as lists).
 
-    TensorBoard gets every scalar number, nested dict keys joined with "/"
-    (e.g. "cityscapes/mean_miou"); lists such as per-class IoU go to JSON only.
+    TensorBoard gets every scalar number under "eval/", nested dict keys joined with "/"
+    (e.g. "eval/cityscapes/miou"); lists go to JSON only.
     """
     if not self.enabled:
       return
@@ -149,7 +149,7 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in traverse_util.flatten_dict(dict(results), sep="/").items():
         if _is_scalar_number(value):
-          self._tb.add_scalar(name, float(np.asarray(value)), step)
+          self._tb.add_scalar(f"eval/{name}", float(np.asarray(value)), step)
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """TensorBoard images: uint8 [H, W, 3] under `name`, [N, H, W, 3] under `name/i`."""

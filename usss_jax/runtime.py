@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding
 
-from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
-from usss_jax import evaluate, files, inference, sharding, train_step
+from usss_jax import evaluate, files, inference, segmenter, train_step
 from usss_jax.data.base import load_rgb
 from usss_jax.domains import build_domains
 from usss_jax.label_embeddings import stage
 from usss_jax.train import run_training
-
-
-def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
-               ) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`), else `fallback`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    if fallback is None:
-      raise FileNotFoundError(f"{path}: no such file; is {workdir} a run directory?")
-    return fallback
-  return ml_collections.ConfigDict(files.read_json(path, "run's config"))
 
 
 def _summary(results: dict, names: Sequence[str]) -> dict:
@@ -74,53 +59,22 @@ def embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
                   placement: NamedSharding | None = None):
-  """(model, train state, domains, step) from `workdir`'s best (else latest) or latest checkpoint.
-
-  Args:
-    which: "best" (falls back to the latest when no best exists) or "latest".
-    placement: where the restored arrays go; default replicated over all devices.
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+  """(model, train state, domains, step): `restore_model_state` plus the run's datasets."""
   config_lib.validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint directory; train first "
-                                   f"(python launch.py --config=... --workdir={workdir})")
   domains = build_domains(config, workdir)
-  num_classes = [d.num_classes for d in domains]
-  model = train_step.make_model(config, num_classes)
-  tx, _ = train_step.make_optimizer(config)
-  placement = placement or sharding.replicated(sharding.make_mesh())
-  init_fn = functools.partial(
-      train_step.init_state, model, tx, input_hw=domains[0].crop_hw,
-      label_embeddings=tuple(train_step.placeholder_embeddings(config, num_classes)),
-      teacher=config_lib.loss_spec_from_config(config).uses_teacher_state)
-  abstract = sharding.abstract_like(jax.eval_shape(init_fn, train_step.init_rng(0)), placement)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
-  try:
-    best = which == "best" and bool(checkpointer.all_steps(best=True))
-    if not best and checkpointer.latest_step() is None:
-      raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
-    state, _ = checkpointer.restore(abstract, best=best)
-  finally:
-    checkpointer.close()
-  return model, state, domains, int(jax.device_get(state["step"]))
-
-
-def model_variables(state: dict) -> dict:
-  """The {"params", "batch_stats"} of a train state."""
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+  model, state, step = segmenter.restore_model_state(
+      config, workdir, [d.num_classes for d in domains], domains[0].crop_hw, which=which,
+      placement=placement)
+  return model, state, domains, step
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "best") -> dict:
   """Evaluates a checkpoint on every domain's evaluation split; writes eval_<step>.json."""
   model, state, domains, step = restore_state(config, workdir, which)
-  results = evaluate.evaluate_domains(model, model_variables(state),
+  results = evaluate.evaluate_domains(model, train_step.model_variables(state),
                                       [d for d in domains if d.eval_examples],
-                                      batch_size=config.eval_batch,
+                                      batch_size=config_lib.global_batch(config, "eval_batch"),
                                       normalization=config.normalization,
                                       miou_convention=config.miou_convention)
   if jax.process_index() == 0:
@@ -130,31 +84,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return out
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str, *,
+def predict(config: ml_collections.ConfigDict | None, workdir: str, input_path: str, *,
             domain: str | None = None, output: str | None = None, which: str = "best") -> dict:
-  """Writes `<name>_mask.png` (class ids), `<name>_color.png` and `<name>_overlay.png`."""
-  model, state, domains, step = restore_state(config, workdir, which)
-  names = [d.name for d in domains]
-  domain = domain or names[0]
-  if domain not in names:
-    raise ValueError(f"--domain={domain!r}: not one of this config's domains {names}")
-  dom = domains[names.index(domain)]
+  """Writes `<name>_mask.png` (class ids), `<name>_color.png` and `<name>_overlay.png`.
+
+  Runs from the run directory alone (`Segmenter`): the datasets need not be on disk. `config`
+  is unused (the run's own config.json is read); it is accepted for the launcher's symmetry.
+  """
+  del config
+  model = segmenter.Segmenter.from_workdir(workdir, which)
+  domain = domain or model.domains[0]
+  if domain not in model.domains:
+    raise ValueError(f"--domain={domain!r}: not one of this run's domains {list(model.domains)}")
   output = output or os.path.join(workdir, "predictions", domain)
   os.makedirs(output, exist_ok=True)
-  local = sharding.to_local_replicated(model_variables(state), sharding.local_mesh())
-
-  @functools.partial(jax.jit, static_argnums=(2,))
-  def forward(variables, image, out_hw):
-    return jnp.argmax(inference.head_logits(model, variables, image, dom.index, out_hw), -1)
-
   written = []
   for path in inference.list_images(input_path):
     image = load_rgb(path)
-    x = inference.preprocess(image, resize_hw=dom.eval_resize_hw,
-                             normalization=config.normalization)[None]
-    mask = np.asarray(forward(local, x, image.shape[:2]))[0].astype(np.uint8)
     stem = os.path.splitext(os.path.basename(path))[0]
-    inference.save_prediction(output, stem, image, mask, dom.palette)
+    inference.save_prediction(output, stem, image, model.predict(image, domain),
+                              model.palette(domain))
     written.append(stem)
-  return {"domain": domain, "step": step, "output": output, "images": len(written),
-          "classes": list(dom.classes)}
+  return {"domain": domain, "step": model.step, "output": output, "images": len(written),
+          "classes": list(model.classes(domain))}

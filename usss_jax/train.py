@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import time
 from typing import Any, Sequence
 
-from absl import logging
 from clu import parameter_overview
 import jax
 import ml_collections
@@ -28,7 +28,10 @@ from usss_jax import config as config_lib
 from usss_jax import evaluate, files, metric_writers, sharding, train_step
 from usss_jax.data import pipeline
 from usss_jax.data.strong_augment import StrongAugmentConfig
-from usss_jax.domains import Domain, build_domains
+from usss_jax.domains import Domain, build_domains, save_label_spaces
+
+# Run events (parameters, resume, checkpoints, evaluations); the launcher prints them.
+log = logging.getLogger("usss_jax")
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str, *,
@@ -59,6 +62,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)
   domains = list(domains) if domains is not None else build_domains(config, workdir)
+  if is_main:  # what the run predicts, for segmenting without the datasets (Segmenter)
+    save_label_spaces(workdir, domains)
   names = [d.name for d in domains]
   num_classes = [d.num_classes for d in domains]
   model = train_step.make_model(config, num_classes)
@@ -82,11 +87,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     state = jax.device_put(train_step.load_pretrained_encoder(config, model, state),
                            sharding.replicated(mesh))
   if is_main and not log_prefix:
-    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
 
   train_input = pipeline.TrainInput(
-      domains, labeled_batch=config.labeled_batch,
-      unlabeled_batch=config.unlabeled_batch if spec.uses_unlabeled else 0,
+      domains, labeled_batch=config_lib.global_batch(config, "labeled_batch"),
+      unlabeled_batch=(config_lib.global_batch(config, "unlabeled_batch")
+                       if spec.uses_unlabeled else 0),
       seed=config.seed, mesh=mesh, normalization=config.normalization,
       worker_count=config.workers, cache_mb=config.data_cache_mb,
       strong=(StrongAugmentConfig.from_dict(config.strong_augment) if spec.uses_consistency
@@ -97,7 +103,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
                                         checkpointer.latest_step())
     train_input.set_state(extra["data"])
     start_step = int(jax.device_get(state["step"]))
-    logging.info("%sresumed from %s at step %d", log_prefix, checkpointer.directory, start_step)
+    log.info("%sresumed from %s at step %d", log_prefix, checkpointer.directory, start_step)
 
   step_fn = train_step.jit_train_step(train_step.make_train_step(model, tx, spec, names), mesh)
   writer = metric_writers.MetricWriter(workdir, enabled=is_main)
@@ -112,12 +118,15 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   def run_eval_now(step):
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     res = evaluate.evaluate_domains(model, variables, eval_domains,
-                                    batch_size=config.eval_batch,
+                                    batch_size=config_lib.global_batch(config, "eval_batch"),
                                     normalization=config.normalization,
                                     miou_convention=config.miou_convention)
     writer.write_eval(step, evaluate.summary(res, names))
+    if is_main:
+      writer.write_images(step, evaluate.prediction_panels(model, variables, eval_domains,
+                                                           normalization=config.normalization))
     line = " ".join(f"{n}={res[n]['miou']:.4f}" for n in names if n in res)
-    print(f"{log_prefix}eval step {step}: mIoU {line} mean={res['mean_miou']:.4f}", flush=True)
+    log.info("%seval step %d: mIoU %s mean=%.4f", log_prefix, step, line, res["mean_miou"])
     checkpointer.save_best(step, state, extra={"data": train_input.get_state()},
                            metric_value=res["mean_miou"])
     return res
@@ -148,6 +157,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         progress.update(step - progress.n)
       if do_ckpt:
         checkpointer.save(step, state, extra={"data": train_input.get_state()})
+        log.info("%ssaved checkpoint %s/%d", log_prefix, checkpointer.directory, step)
       if do_eval:
         results = run_eval_now(step)
   finally:
@@ -172,6 +182,6 @@ def warn_collapse(step: int, scalars: dict, threshold: float, warned: set,
   for name, value in scalars.items():
     if name.startswith(_COLLAPSE_WATCH) and value < threshold and name not in warned:
       warned.add(name)
-      logging.warning("%s%s collapsed to %.3g nats (< %g) at step %d: the term carries almost "
+      log.warning("%s%s collapsed to %.3g nats (< %g) at step %d: the term carries almost "
                       "no gradient from here on (alignment=reference does this; see "
                       "config.alignment)", log_prefix, name, value, threshold, step)

@@ -105,6 +105,11 @@ def init_state(model, tx, rng: jax.Array, input_hw: tuple[int, int],
   }
 
 
+def model_variables(state: dict) -> dict:
+  """The {"params", "batch_stats"} of a train state (what the model's apply takes)."""
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
 def placeholder_embeddings(config: ml_collections.ConfigDict,
                            num_classes: Sequence[int]) -> list[np.ndarray]:
   """Zero label embeddings of the state's shape, for methods that do not use them."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from usss_jax import files, inference, metrics, runtime, sharding
+from usss_jax import files, inference, metrics, runtime, segmenter, sharding, train_step
 from usss_jax.analysis import plots, scores
 from usss_jax.data import transforms
 from usss_jax.data.base import IGNORE_LABEL, load_rgb
@@ -161,7 +161,7 @@ def predict_any(config: ml_collections.ConfigDict, workdir: str, input_path: str
   dom = domains[index]
   k = int(config.embeddings_per_class)
   embs = domain_label_embeddings(config, workdir, state, domains, index)
-  variables = runtime.model_variables(state)
+  variables = train_step.model_variables(state)
   output = output or os.path.join(workdir, "visualize", f"predict_any_{dom.name}")
   os.makedirs(output, exist_ok=True)
   forward = inference.predictor(model, k, bool(config.normalize_pixels))
@@ -253,7 +253,7 @@ def correspondence(config: ml_collections.ConfigDict, workdir: str, *, domain_a:
 
   examples = _eval_examples(dom_a, max_images)
   forward = inference.predictor(model)
-  variables = runtime.model_variables(state)
+  variables = train_step.model_variables(state)
   counts = np.zeros((len(names_a), len(names_b)), np.int64)
   for ex in examples:
     item = dom_a.reader.load_example(ex)
@@ -326,7 +326,7 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
   runs = [(workdir, config)]
   if compare_workdir:
     runs.append((compare_workdir,
-                 compare_config or runtime.run_config(compare_workdir, config)))
+                 compare_config or segmenter.run_config(compare_workdir, config)))
   labels = [s for s in labels if s]
   if labels and len(labels) != len(runs):
     raise ValueError(f"--labels names {len(labels)} panels ({labels}) but there are "
@@ -338,12 +338,12 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
   for r, (run_dir, run_config) in enumerate(runs):
     model, state, domains, step = restore_state(run_config, run_dir, which)
     feats, dom_ids, cls_ids = sample_features(
-        model, runtime.model_variables(state), domains, normalization=run_config.normalization,
+        model, train_step.model_variables(state), domains, normalization=run_config.normalization,
         per_class=per_class, max_pixels_per_image=max_pixels_per_image, seed=seed,
         max_images=max_images)
     points = scores.tsne_points(feats, seed=seed, perplexity=perplexity)
     # The method the run trained with (a --config.method override is not in the file).
-    method = runtime.run_config(run_dir, run_config).get("method", run_config.method)
+    method = segmenter.run_config(run_dir, run_config).get("method", run_config.method)
     title = labels[r] if labels else (
         f"{os.path.basename(os.path.normpath(run_dir))} ({method}, step {step})")
     panels.append(plots.TsnePanel(title, points, dom_ids, cls_ids,

@@ -40,7 +40,7 @@ import numpy as np
 
 from usss_jax.data import base
 from usss_jax.data import folder
-from usss_jax.data.base import DataError, DatasetSpec, Example
+from usss_jax.data.base import DatasetSpec, Example
 
 CLASSES37 = (
     "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",

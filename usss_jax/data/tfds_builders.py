@@ -22,7 +22,6 @@ Reading: `usss_jax.data.tfds_reader.TfdsReader` (registry name "tfds").
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -34,8 +33,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from usss_jax.data import registry
-from usss_jax.data.base import DataError, DatasetReader, load_rgb
-from usss_jax.data.tfds_reader import DATASET_NAME, DATASET_VERSION, KEYS_FILE, scan_keys
+from usss_jax.data.base import DataError, DatasetReader
+from usss_jax.data.tfds_reader import DATASET_VERSION, KEYS_FILE, scan_keys
 
 READER_NAMES = ("cityscapes", "camvid", "idd", "idd_lite", "sunrgbd", "sunrgbd13", "folder")
 

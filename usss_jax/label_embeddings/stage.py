@@ -18,12 +18,11 @@ import os
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from usss_jax import inference, train
+from usss_jax import inference, train, train_step
 from usss_jax.data import transforms
 from usss_jax.data.base import IGNORE_LABEL
 from usss_jax.domains import Domain
@@ -197,12 +196,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
       continue
     sub_workdir = config.label_embeddings.pretrain_checkpoint or os.path.join(
         out_dir, f"pretrain_{domain.name}")
-    logging.info("label embeddings of %s: supervised pre-training in %s", domain.name,
-                 sub_workdir)
+    train.log.info("label embeddings of %s: supervised pre-training in %s", domain.name,
+                   sub_workdir)
     state, _, model, _ = train.run_training(pretrain_config(config, domain.name), sub_workdir,
                                             run_eval=False, log_prefix=f"[embed {domain.name}] ")
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    computed = compute_for_domain(config, model, variables, domain)
+    computed = compute_for_domain(config, model, train_step.model_variables(state), domain)
     computed.source = f"pretrain:{sub_workdir}"
     if jax.process_index() == 0:
       computed.save(path)
