@@ -8,6 +8,7 @@ dataset needs to be on disk. Images of one size share one compiled forward (per 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Sequence, Union
 
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from configs import common
 from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
 from usss_jax import files, inference, sharding, train_step
@@ -28,13 +30,24 @@ Image = Union[np.ndarray, str, os.PathLike]
 
 def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
                ) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`), else `fallback`."""
+  """The config a run was trained with (`<workdir>/config.json`), else `fallback`.
+
+  Keys added to the defaults after the run was trained take their default values.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     if fallback is None:
       raise FileNotFoundError(f"{path}: no such file; is {workdir} a run directory?")
     return fallback
-  return ml_collections.ConfigDict(files.read_json(path, "run's config"))
+
+  def merge(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for key, value in saved.items():
+      out[key] = (merge(defaults[key], value)
+                  if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
+    return out
+  defaults = json.loads(common.base_config().to_json())
+  return ml_collections.ConfigDict(merge(defaults, files.read_json(path, "run's config")))
 
 
 def restore_model_state(config: ml_collections.ConfigDict, workdir: str,
