@@ -37,3 +37,20 @@ def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
   again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
   assert again["results"] == out["results"]
   assert os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns == mtime
+
+
+def test_paired_differences_and_interval_by_hand():
+  results = {"basic": {"0": {"a": 0.30, "b": 0.40}, "1": {"a": 0.32, "b": 0.38},
+                       "2": {"a": 0.28, "b": 0.42}},
+             "consistency": {"0": {"a": 0.36, "b": 0.44}, "1": {"a": 0.35, "b": 0.41},
+                             "2": {"a": 0.33, "b": 0.47}},
+             "recommended": "consistency"}
+  d = ablation.paired_differences(results, ["a", "b"])["consistency"]
+  diffs = np.array([5.0, 3.0, 5.0])  # average of the two domains, in points
+  np.testing.assert_allclose(list(d["per_seed"].values()), diffs, atol=1e-9)
+  half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+  np.testing.assert_allclose([d["mean"], d["low"], d["high"]],
+                             [diffs.mean(), diffs.mean() - half, diffs.mean() + half])
+  assert d["positive"] == 3 and d["n"] == 3
+  md = ablation.markdown_table(results, {"runs": {}, "classes": {}}, ["a", "b"])
+  assert "| consistency (recommended) |" in md and "| consistency | +4.3 |" in md

@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
+from scipy import stats
 
 from usss_jax import config as config_lib
 from usss_jax import files, runtime, train_step
@@ -94,12 +95,19 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
-                 methods: Sequence[str] = METHOD_ORDER) -> dict:
-  """Runs every (method, seed); returns {"results": ..., "details": ...}."""
+                 methods: Sequence[str] = METHOD_ORDER, recommended: str | None = None) -> dict:
+  """Runs every (method, seed); returns {"results": ..., "details": ...}.
+
+  Args:
+    recommended: the method the experiment recommends (chosen beforehand on validation
+      data); recorded as results["recommended"].
+  """
   names = list(config.domain_names)
   unknown = [m for m in methods if m not in METHOD_ORDER]
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {METHOD_ORDER}")
+  if recommended is not None and recommended not in methods:
+    raise ValueError(f"--recommended={recommended!r} is not among the methods {list(methods)}")
   results: dict = {m: {} for m in methods}
   details: dict = {"config": json.loads(config.to_json()), "runs": {}, "classes": {}}
   for name in names:  # class-index order for the per-class tables
@@ -138,8 +146,40 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
       summary = _train(cfg, run_dir)
       details["runs"][f"seed{seed}/{method}"] = summary
       results[method][str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+    if recommended:
+      results["recommended"] = recommended
     write_tables(workdir, results, details, names)
   return {"results": results, "details": details}
+
+
+def _per_seed(results: dict) -> dict[str, dict]:
+  """The method -> seed -> domain -> mIoU part of results (without "recommended")."""
+  return {m: v for m, v in results.items() if isinstance(v, dict)}
+
+
+def paired_differences(results: dict, names: Sequence[str], baseline: str = "basic") -> dict:
+  """Per method: its domain-average mIoU minus the baseline's, seed by seed (same splits).
+
+  Returns:
+    {method: {"mean", "low", "high" (95 % t interval of the mean), "per_seed": {seed: diff},
+    "positive": count of seeds with diff > 0, "n"}}, differences in mIoU points (x 100).
+  """
+  per_seed = _per_seed(results)
+  base = per_seed.get(baseline, {})
+  out = {}
+  for method, runs in per_seed.items():
+    seeds = sorted(set(runs) & set(base), key=int)
+    if method == baseline or not seeds:
+      continue
+    diffs = np.array([100 * (np.mean([runs[s][n] for n in names]) -
+                             np.mean([base[s][n] for n in names])) for s in seeds])
+    half = (stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+            if len(diffs) > 1 else float("nan"))
+    out[method] = {"mean": float(diffs.mean()), "low": float(diffs.mean() - half),
+                   "high": float(diffs.mean() + half), "n": len(diffs),
+                   "positive": int(np.sum(diffs > 0)),
+                   "per_seed": {s: float(d) for s, d in zip(seeds, diffs)}}
+  return out
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -148,7 +188,8 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
-  """Mean ± std mIoU (%) over seeds per method and domain, and per-class IoU."""
+  """Mean ± std mIoU (%) over seeds per method and domain, paired differences to basic, and
+  per-class IoU."""
   lines = ["| method | " + " | ".join(names) + " | average | seeds |",
            "|---|" + "---|" * (len(names) + 2)]
   for method in METHOD_ORDER:
@@ -157,8 +198,21 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
       continue
     cells = [_mean_std([per_seed[s][n] for s in per_seed]) for n in names]
     avg = _mean_std([np.mean([per_seed[s][n] for n in names]) for s in per_seed])
-    lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} | {len(per_seed)} |")
+    mark = " (recommended)" if results.get("recommended") == method else ""
+    lines.append(f"| {method}{mark} | " + " | ".join(cells) + f" | {avg} | {len(per_seed)} |")
   out = ["## mIoU (%) per domain, mean ± std over seeds", "", *lines, ""]
+  diffs = paired_differences(results, names)
+  if diffs:
+    out += ["## Paired difference to basic (two-domain average, mIoU points; same seed = same "
+            "labeled/unlabeled split)", "",
+            "| method | mean | 95 % interval | seeds > 0 | per seed |", "|---|---|---|---|---|"]
+    for method in METHOD_ORDER:
+      if method in diffs:
+        d = diffs[method]
+        seeds = ", ".join(f"{s}: {v:+.1f}" for s, v in d["per_seed"].items())
+        out.append(f"| {method} | {d['mean']:+.1f} | [{d['low']:+.1f}, {d['high']:+.1f}] | "
+                   f"{d['positive']}/{d['n']} | {seeds} |")
+    out.append("")
   for name in names:
     classes, rows = None, []
     for method in METHOD_ORDER:
@@ -183,13 +237,52 @@ def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str
   files.write_json(os.path.join(workdir, "results.json"), results)
   files.write_json(os.path.join(workdir, "results_details.json"), details)
   files.write_text(os.path.join(workdir, "results.md"), markdown_table(results, details, names))
-  plots.plot_method_bars(results, names, METHOD_ORDER, os.path.join(workdir, "results.png"))
+  plots.plot_method_bars(_per_seed(results), names, METHOD_ORDER,
+                         os.path.join(workdir, "results.png"))
+  curves = unsupervised_curves(workdir)
+  if curves:
+    plots.plot_unsupervised_terms(curves, os.path.join(workdir, "unsupervised_terms.png"))
+
+
+# Logged per domain by the step (train_step.make_train_step): what shows a collapse.
+UNSUPERVISED_TERMS = ("within_entropy", "cross_entropy", "diversity", "confident_fraction",
+                      "consistency", "embedding_norm")
+
+
+def unsupervised_curves(workdir: str) -> dict:
+  """{method: {term: (steps, values)}}: the unsupervised diagnostics over training, averaged
+  over domains and seeds, read from every run's metrics.jsonl."""
+  by_method: dict = {}
+  for seed_dir in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    if not seed_dir.startswith("seed"):
+      continue
+    for method in sorted(os.listdir(os.path.join(workdir, seed_dir))):
+      path = os.path.join(workdir, seed_dir, method, "metrics.jsonl")
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        records = [json.loads(line) for line in f if '"kind": "train"' in line]
+      for term in UNSUPERVISED_TERMS:
+        points = [(r["step"], np.mean([v for k, v in r.items()
+                                       if k.startswith(term + "/") and v is not None]))
+                  for r in records if any(k.startswith(term + "/") for k in r)]
+        if points:
+          by_method.setdefault(method, {}).setdefault(term, []).append(dict(points))
+  curves = {}
+  for method, terms in by_method.items():
+    for term, runs in terms.items():
+      steps = sorted(set.intersection(*(set(r) for r in runs)))
+      curves.setdefault(method, {})[term] = (steps, [float(np.mean([r[s] for r in runs]))
+                                                     for s in steps])
+  return curves
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Ablation directory (one subfolder per run).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_RECOMMENDED = flags.DEFINE_string("recommended", None, "The method this experiment recommends "
+                                   "(chosen on validation data); recorded in results.json.")
 _METHODS = flags.DEFINE_list("methods", list(METHOD_ORDER), "Methods to run.")
 
 
@@ -201,7 +294,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   out = run_ablation(_CONFIG.value, _WORKDIR.value, [int(s) for s in _SEEDS.value],
-                     _METHODS.value)
+                     _METHODS.value, recommended=_RECOMMENDED.value)
   print(markdown_table(out["results"], out["details"], list(_CONFIG.value.domain_names)))
 
 

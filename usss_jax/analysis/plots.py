@@ -158,3 +158,32 @@ def plot_method_bars(results: dict, names: Sequence[str], order: Sequence[str],
   _makedirs_for(path)
   fig.savefig(path)
   return path
+
+
+def plot_unsupervised_terms(curves: dict, path: str) -> str:
+  """One panel per unsupervised diagnostic over training steps, one line per method.
+
+  Args:
+    curves: {method: {term: (steps, values)}} (e.g. `ablation.unsupervised_curves`).
+  """
+  terms = sorted({t for per_method in curves.values() for t in per_method})
+  cols = min(3, len(terms))
+  rows = -(-len(terms) // cols)
+  fig = _figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained", dpi=110)
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax, term in zip(axes, terms):
+    for method, per_method in sorted(curves.items()):
+      if term in per_method:
+        steps, values = per_method[term]
+        ax.plot(steps, values, label=method)
+    ax.set_title(term, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if term in ("within_entropy", "cross_entropy", "embedding_norm"):
+      ax.set_yscale("log")
+  for ax in axes[len(terms):]:
+    ax.axis("off")
+  axes[0].legend(fontsize=7)
+  _makedirs_for(path)
+  fig.savefig(path)
+  return path
