@@ -122,24 +122,32 @@ def _demo_overrides(data_root):
 
 
 def test_launch_eval_and_predict_modes(uninterrupted, data_root, tmp_path):
+  # No --config: eval and predict read the run's own config.json.
   workdir, _, results = uninterrupted
-  cfg = ["--config=configs/demo.py", f"--workdir={workdir}", *_demo_overrides(data_root),
-         "--config.labeled_batch=8", "--config.unlabeled_batch=8", "--config.eval_batch=8"]
-  out = _launch(*cfg, "--mode=eval", "--checkpoint=latest")
+  out = _launch(f"--workdir={workdir}", "--mode=eval", "--checkpoint=latest")
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout)
   assert got["step"] == 8
   np.testing.assert_allclose(got["street"]["miou"], results["street"]["miou"], rtol=1e-6)
   images = os.path.join(data_root, "indoor", "images", "val")
   pred_dir = tmp_path / "pred"
-  out = _launch(*cfg, "--mode=predict", f"--input={images}", "--domain=indoor",
-                f"--output={pred_dir}")
+  out = _launch(f"--workdir={workdir}", "--mode=predict", f"--input={images}",
+                "--domain=indoor", f"--output={pred_dir}")
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout)
   assert got["images"] == 16 and got["domain"] == "indoor"
   mask = np.asarray(Image.open(next(pred_dir.glob("*_mask.png"))))
   assert mask.shape == (96, 128) and mask.max() < 5
   assert len(list(pred_dir.glob("*_overlay.png"))) == 16
+
+
+def test_launch_eval_refuses_a_contradicting_config(uninterrupted, data_root):
+  workdir, _, _ = uninterrupted
+  out = _launch("--config=configs/demo.py", f"--workdir={workdir}", *_demo_overrides(data_root),
+                "--mode=eval", "--checkpoint=latest")
+  assert out.returncode != 0
+  assert "contradicts" in out.stderr and "eval_every" in out.stderr
+  assert "config.json" in out.stderr
 
 
 def test_launch_rejects_config_typo_and_bad_values(tmp_path):
