@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from PIL import Image
 from helpers import TINY, tiny_demo_config
 from usss_jax import checkpoint as ckpt_lib
 from usss_jax import metric_writers, runtime, train, train_step
+from usss_jax import Segmenter
 from usss_jax.data import demo
 from usss_jax.domains import build_domains
 from usss_jax.label_embeddings import stage, store
@@ -126,7 +128,11 @@ def test_launch_eval_and_predict_modes(uninterrupted, data_root, tmp_path):
   workdir, _, results = uninterrupted
   out = _launch(f"--workdir={workdir}", "--mode=eval", "--checkpoint=latest")
   assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads(out.stdout)
+  # stdout is the per-class table; the numbers are written to eval_latest_step<N>.json.
+  assert re.search(r"^street: mIoU [0-9.]+ %$", out.stdout, re.M), out.stdout
+  assert "| road |" in out.stdout and "(checkpoint step 8)" in out.stdout
+  with open(os.path.join(workdir, "eval_latest_step8.json")) as f:
+    got = json.load(f)
   assert got["step"] == 8
   np.testing.assert_allclose(got["street"]["miou"], results["street"]["miou"], rtol=1e-6)
   images = os.path.join(data_root, "indoor", "images", "val")
@@ -139,6 +145,29 @@ def test_launch_eval_and_predict_modes(uninterrupted, data_root, tmp_path):
   mask = np.asarray(Image.open(next(pred_dir.glob("*_mask.png"))))
   assert mask.shape == (96, 128) and mask.max() < 5
   assert len(list(pred_dir.glob("*_overlay.png"))) == 16
+
+
+def test_segmenter_and_predict_mode_need_no_data(uninterrupted, data_root, tmp_path):
+  # A run directory alone serves predictions: the training data can be gone.
+  workdir, _, _ = uninterrupted
+  inputs = tmp_path / "inputs"
+  shutil.copytree(os.path.join(data_root, "street", "images", "val"), inputs)
+  moved = data_root + ".moved"
+  os.rename(data_root, moved)
+  try:
+    segmenter = Segmenter.from_workdir(workdir)
+    image = np.asarray(Image.open(sorted(inputs.iterdir())[0]).convert("RGB"))
+    for name in ("street", "indoor"):
+      mask = segmenter.predict(image, domain=name)
+      assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+      assert mask.max() < len(segmenter.classes(name))
+    out = _launch(f"--workdir={workdir}", "--mode=predict", f"--input={inputs}",
+                  "--domain=street", f"--output={tmp_path / 'pred'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == len(list(inputs.iterdir()))
+    assert not os.path.exists(data_root)  # nothing regenerated the demo data
+  finally:
+    os.rename(moved, data_root)
 
 
 def test_launch_eval_refuses_a_contradicting_config(uninterrupted, data_root):

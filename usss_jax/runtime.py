@@ -70,7 +70,10 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "best") -> dict:
-  """Evaluates a checkpoint on every domain's evaluation split; writes eval_<step>.json."""
+  """Evaluates a checkpoint on every domain's evaluation split.
+
+  Writes <workdir>/eval_<which>_step<N>.json (all results and the step).
+  """
   model, state, domains, step = restore_state(config, workdir, which)
   results = evaluate.evaluate_domains(model, train_step.model_variables(state),
                                       [d for d in domains if d.eval_examples],
@@ -78,7 +81,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                       normalization=config.normalization,
                                       miou_convention=config.miou_convention)
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, f"eval_{which}_step{step}.json"), results)
+    files.write_json(os.path.join(workdir, f"eval_{which}_step{step}.json"),
+                     {**results, "step": step})
   out = _summary(results, [d.name for d in domains])
   out["step"] = step
   return out
