@@ -259,7 +259,9 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
 def _unlabeled_image_first_met_at(config, workdir: str, name: str, step: int):
   """The unlabeled example of domain `name` that the stream first reaches at `step`."""
   domain = next(d for d in build_domains(config, workdir) if d.name == name)
-  shuffle_seed, _ = pipeline._stream_seeds(config.seed, name, "unlabeled")  # pylint: disable=protected-access
+  # The stream's own shuffle (pipeline.TrainInput._stream), rebuilt from its seed.
+  shuffle_seed, _ = pipeline._stream_seeds(  # pylint: disable=protected-access
+      config.seed, name, "unlabeled")
   order = grain.MapDataset.source(list(domain.unlabeled)).shuffle(seed=shuffle_seed).repeat(None)
   batch = config.unlabeled_batch
   seen = {order[i].key for i in range((step - 1) * batch)}

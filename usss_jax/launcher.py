@@ -54,8 +54,8 @@ _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZ
                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 # Keys an evaluation of a run may set differently from its training config.
 EVALUATION_KEYS = ("eval_batch", "eval_max_examples", "miou_convention", "batch_per_device",
-                   "workers", "data_cache_mb", "skip_bad_images", "domains.*.root", "domains.*.eval_split",
-                   "domains.*.generate_demo")
+                   "workers", "data_cache_mb", "skip_bad_images", "domains.*.root",
+                   "domains.*.eval_split", "domains.*.generate_demo")
 
 
 def _maybe_initialize_distributed(mode: str) -> None:

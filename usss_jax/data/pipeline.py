@@ -145,7 +145,8 @@ class TrainInput:
                data_axis: str = sharding.DATA_AXIS, read_threads: int = 2,
                prefetch_steps: int = 2,
                cache_mb: int = 0, strong: StrongAugmentConfig | None = None,
-               skip_bad_images: bool = False, process_index: int | None = None, process_count: int | None = None):
+               skip_bad_images: bool = False,
+               process_index: int | None = None, process_count: int | None = None):
     if not domains:
       raise ValueError("TrainInput needs at least one domain")
     names = [d.name for d in domains]
