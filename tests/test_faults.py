@@ -186,25 +186,7 @@ def test_unreadable_newest_checkpoint_is_set_aside_and_resume_falls_back(
   _assert_same_params(reference, state)
 
 
-# 3. Stop signals.
-
-def test_sigterm_saves_the_current_step_exits_0_and_resumes_identically(
-    uninterrupted, data_root, tmp_path, child_env):
-  _, reference = uninterrupted
-  workdir, log_path = tmp_path / "run", tmp_path / "stderr.txt"
-  child = _start(_config_file(tmp_path, data_root), workdir, log_path, child_env)
-  _wait_for_step(child, workdir, 3, 0, log_path)
-  child.send_signal(signal.SIGTERM)
-  assert child.wait(timeout=120) == 0, open(log_path).read()[-3000:]
-  log = open(log_path).read()
-  stopped = [line for line in log.splitlines() if "stopped by SIGTERM at step" in line]
-  assert stopped, log[-3000:]
-  step = int(stopped[0].split("at step ")[1].split(";")[0])
-  assert 3 <= step < 12 and step in _steps(workdir / "checkpoints")
-  assert not (workdir / "run.lock").exists()
-  state, _, _ = runtime.embed_and_train(tiny_demo_config(data_root, **RUN), str(workdir))
-  _assert_same_params(reference, state)
-
+# 3. Stop signals (SIGTERM in a real process: the soak test at the end).
 
 def test_first_sigint_requests_a_stop_and_handlers_are_restored(tmp_path):
   before = signal.getsignal(signal.SIGINT)
@@ -323,24 +305,36 @@ def test_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(data_ro
   assert f"at step {error.step}; the last good checkpoint, step {steps[-1]}, is kept" in str(error)
 
 
-# The soak test.
+# The soak test (and SIGTERM).
 
-def test_soak_sigkill_at_random_steps_resumes_to_identical_parameters(
+def test_soak_kills_at_random_steps_and_resumes_to_identical_parameters(
     uninterrupted, data_root, tmp_path, child_env, caplog):
+  """SIGKILL, SIGTERM, SIGKILL at random steps; the SIGTERM saves its step and exits 0."""
   _, reference = uninterrupted
   seed = int(os.environ.get("USSS_SOAK_SEED", time.time_ns() % 10**6))
-  kill_steps = sorted(random.Random(seed).sample(range(2, 12), 3))
-  print(f"soak seed {seed}: SIGKILL after steps {kill_steps}")
+  # Up to step 9, so that the stop after a SIGTERM lands before the last step.
+  kill_steps = sorted(random.Random(seed).sample(range(2, 10), 3))
+  signals = (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)
+  print(f"soak seed {seed}: signals after steps {kill_steps}")
   workdir, log_path = tmp_path / "run", tmp_path / "stderr.txt"
   config_file = _config_file(tmp_path, data_root)
   metrics = workdir / "metrics.jsonl"
-  for kill_step in kill_steps:
+  for kill_step, sig in zip(kill_steps, signals):
     offset = metrics.stat().st_size if metrics.exists() else 0
     child = _start(config_file, workdir, log_path, child_env)
     _wait_for_step(child, workdir, kill_step, offset, log_path)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert (workdir / workdir_lib.LOCK_FILE).exists()  # left behind: its pid is gone
+    child.send_signal(sig)
+    returncode = child.wait(timeout=120)
+    if sig == signal.SIGKILL:
+      assert (workdir / workdir_lib.LOCK_FILE).exists()  # left behind: its pid is gone
+      continue
+    log = open(log_path).read()
+    assert returncode == 0, log[-3000:]
+    stopped = [line for line in log.splitlines() if "stopped by SIGTERM at step" in line]
+    assert stopped, log[-3000:]
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert kill_step <= step < 12 and step in _steps(workdir / "checkpoints")
+    assert not (workdir / workdir_lib.LOCK_FILE).exists()
   with caplog.at_level(logging.WARNING, logger="usss_jax"):
     state, _, _ = runtime.embed_and_train(tiny_demo_config(data_root, **RUN), str(workdir))
   assert any("taking over the stale lock" in r.getMessage() for r in caplog.records)
