@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.normalization = "imagenet"  # imagenet | none (the reference fed raw [0, 1] pixels)
   c.workers = 0           # grain worker processes per stream
   c.data_cache_mb = 512   # decoded training images kept in memory, per stream (speed only)
+  # A training image that fails to load (truncated, unreadable) is an error naming the file,
+  # domain, stream and step; True replaces it by the next loadable image of its stream and
+  # counts it (metrics.jsonl: bad_images_skipped).
+  c.skip_bad_images = False
 
   # Bookkeeping.
   c.log_every = 50

@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Sequence
 
@@ -38,7 +39,7 @@ from ml_collections import config_flags
 from scipy import stats
 
 from usss_jax import config as config_lib
-from usss_jax import files, runtime, train_step
+from usss_jax import cli, files, runtime, train_step, workdir as workdir_lib
 from usss_jax.analysis import plots
 from usss_jax.data import registry
 from usss_jax.label_embeddings import stage
@@ -293,11 +294,15 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  out = run_ablation(_CONFIG.value, _WORKDIR.value, [int(s) for s in _SEEDS.value],
-                     _METHODS.value, recommended=_RECOMMENDED.value)
+  try:
+    out = run_ablation(_CONFIG.value, _WORKDIR.value, [int(s) for s in _SEEDS.value],
+                       _METHODS.value, recommended=_RECOMMENDED.value)
+  except workdir_lib.Stopped as stopped:  # a requested stop is a success; rerun to continue
+    print(stopped, file=sys.stderr)
+    return
   print(markdown_table(out["results"], out["details"], list(_CONFIG.value.domain_names)))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -6,6 +6,8 @@ Layout of a checkpoint directory:
                         label embeddings, ...), Orbax StandardSave (OCDBT).
   <dir>/<step>/extra/   one JSON dict (data iterator state, config, metrics, seeds).
   <dir>/best/<step>/    the best checkpoint by `best_metric` (own manager, keeps 1).
+  <dir>/unreadable/<step>/  checkpoints that failed to restore, moved aside by `set_aside`
+                        (kept for inspection; Orbax neither lists nor deletes them).
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<time>` and renames it to
 `<step>` only after writing `commit_success.txt` into it (on object stores
@@ -40,6 +42,8 @@ PyTree = Any
 _STATE_ITEM = "state"
 _EXTRA_ITEM = "extra"
 _BEST_SUBDIR = "best"
+_UNREADABLE_SUBDIR = "unreadable"
+_MAX_REASON_CHARS = 160
 # Written by Orbax 0.12 into every finished step directory, on every filesystem.
 _COMMIT_MARKER = "commit_success.txt"
 _STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -50,6 +54,17 @@ _ORBAX_ROOT_ENTRIES = ("_ROOT_METADATA", "metadata")
 
 class CheckpointError(ValueError):
   """A checkpoint directory or checkpoint does not fit what was asked of it."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A committed checkpoint whose files do not read back (truncated, overwritten, missing)."""
+
+  def __init__(self, where: str, error: Exception):
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    if len(first_line) > _MAX_REASON_CHARS:
+      first_line = first_line[:_MAX_REASON_CHARS] + " ..."
+    self.reason = f"{type(error).__name__}: {first_line}"
+    super().__init__(f"{where}: unreadable checkpoint ({self.reason})")
 
 
 def _to_json(value: Any, path: str = "extra") -> Any:
@@ -139,7 +154,7 @@ def _scan_directory(directory: epath.Path, *, allow_best: bool) -> list[epath.Pa
     name = entry.name
     if name.startswith(".") or _TMP_SUFFIX in name or name in _ORBAX_ROOT_ENTRIES:
       continue
-    if allow_best and name == _BEST_SUBDIR and entry.is_dir():
+    if allow_best and name in (_BEST_SUBDIR, _UNREADABLE_SUBDIR) and entry.is_dir():
       continue
     if not (name.isdigit() and entry.is_dir()):
       unexpected.append(name)
@@ -161,7 +176,7 @@ def _scan_directory(directory: epath.Path, *, allow_best: bool) -> list[epath.Pa
     raise CheckpointError(
         f"{directory}: not a checkpoint directory of usss_jax.checkpoint: unexpected "
         f"entries {shown} (expected only <step>/ directories, Orbax temporaries"
-        f"{' and best/' if allow_best else ''})")
+        f"{', best/ and unreadable/' if allow_best else ''})")
   return interrupted
 
 
@@ -337,6 +352,7 @@ class Checkpointer:
       (state, extra dict).
     Raises:
       CheckpointError: no such checkpoint, or its tree keys/shapes differ from `target`.
+      UnreadableCheckpointError: its files do not read back.
     """
     manager = self._get_manager(best)
     manager.wait_until_finished()  # a pending async save of this step must land first
@@ -352,16 +368,40 @@ class Checkpointer:
     abstract = jax.tree.map(_abstract_leaf, target)
     try:
       metadata = manager.item_metadata(step)[_STATE_ITEM]
-    except Exception as e:  # corrupt or foreign metadata
-      raise CheckpointError(f"{where}: cannot read the state metadata: {e}") from e
+    except Exception as e:  # corrupt or foreign metadata  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(where, e) from e
     if metadata is None:
       raise CheckpointError(f"{where}: has no '{_STATE_ITEM}' item")
     _check_tree_matches(getattr(metadata, "tree", metadata), abstract, where)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        _STATE_ITEM: ocp.args.StandardRestore(abstract),
-        _EXTRA_ITEM: ocp.args.JsonRestore()}))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          _STATE_ITEM: ocp.args.StandardRestore(abstract),
+          _EXTRA_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # tensorstore, JSON and OS errors alike  # pylint: disable=broad-except
+      raise UnreadableCheckpointError(where, e) from e
     extra = restored[_EXTRA_ITEM]
     return restored[_STATE_ITEM], dict(extra) if extra is not None else {}
+
+  def set_aside(self, step: int) -> str:
+    """Moves regular checkpoint `step` to <dir>/unreadable/<step>[.N]; returns where it went.
+
+    The checkpoint is kept for inspection but leaves the manager's steps, so that later saves
+    of steps up to and beyond it work as if it had never been written.
+    """
+    self._manager.wait_until_finished()
+    source = self.directory / str(step)
+    aside_dir = self.directory / _UNREADABLE_SUBDIR
+    target, copies = aside_dir / str(step), 0
+    while target.exists():
+      copies += 1
+      target = aside_dir / f"{step}.{copies}"
+    _sync_processes(f"usss_checkpoint_aside:{source}")
+    if jax.process_index() == 0:
+      aside_dir.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    _sync_processes(f"usss_checkpoint_moved:{source}")
+    self._manager.reload()
+    return str(target)
 
   def wait(self) -> None:
     """Blocks until pending (async) saves are on disk."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from usss_jax import files
 from usss_jax.data import demo, registry, splits
-from usss_jax.data.base import DatasetReader, DatasetSpec, Example
+from usss_jax.data.base import DataError, DatasetReader, DatasetSpec, Example
 
 
 @dataclasses.dataclass
@@ -131,13 +131,23 @@ def make_reader(domain_config: ml_collections.ConfigDict) -> DatasetReader:
   return registry.get_reader(domain_config.dataset, domain_config.root, **options)
 
 
+def _root_hint(name: str, root: str) -> str:
+  return (f"hint: point --config.domains.{name}.root (now {root}) at the dataset in its "
+          "official layout, or set $USSS_DATA_ROOT to the folder holding the datasets")
+
+
 def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domain]:
   """Readers and reproducible labeled/unlabeled splits (written to <workdir>/splits)."""
   out = []
   for index, name in enumerate(config.domain_names):
     dc = config.domains[name]
-    reader = make_reader(dc)
-    train_examples = reader.list_examples(dc.train_split)
+    try:
+      reader = make_reader(dc)
+      train_examples = reader.list_examples(dc.train_split)
+      listed_eval = (reader.list_examples(dc.eval_split)
+                     if dc.eval_split and dc.eval_split != "holdout" else [])
+    except DataError as e:
+      raise DataError(f"domain {name!r}: {e}\n{_root_hint(name, dc.root)}") from e
     held_out = []
     if dc.get("holdout", 0) > 0:
       # Validation data carved out of the training split, the same for every run.
@@ -145,10 +155,7 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
     split = splits.load_or_make_split(
         train_examples, os.path.join(workdir, "splits"), name, config.num_labeled, config.seed,
         unlabeled_includes_labeled=config.unlabeled_includes_labeled)
-    if dc.eval_split == "holdout":
-      eval_examples = held_out
-    else:
-      eval_examples = reader.list_examples(dc.eval_split) if dc.eval_split else []
+    eval_examples = held_out if dc.eval_split == "holdout" else listed_eval
     for split_name, skipped in (getattr(reader, "skipped", None) or {}).items():
       if skipped:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
         print(f"{name}: skipped {len(skipped)} unpaired file(s) in split {split_name!r}, "

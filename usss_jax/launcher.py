@@ -31,8 +31,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import configs
+from usss_jax import cli, runtime, segmenter, workdir as workdir_lib
 from usss_jax import config as config_lib
-from usss_jax import runtime, segmenter
 
 MODES = ["train", "embed", "eval", "predict", "config"]
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,8 +54,8 @@ _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZ
                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 # Keys an evaluation of a run may set differently from its training config.
 EVALUATION_KEYS = ("eval_batch", "eval_max_examples", "miou_convention", "batch_per_device",
-                   "workers", "data_cache_mb", "domains.*.root", "domains.*.eval_split",
-                   "domains.*.generate_demo")
+                   "workers", "data_cache_mb", "skip_bad_images", "domains.*.root",
+                   "domains.*.eval_split", "domains.*.generate_demo")
 
 
 def _maybe_initialize_distributed(mode: str) -> None:
@@ -151,10 +151,12 @@ def main(argv):
     config_lib.validate_config(config)
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
-  if mode == "train":
-    results = runtime.train(config, workdir)
-  elif mode == "embed":
-    results = runtime.embed(config, workdir)
+  if mode in ("train", "embed"):
+    try:
+      results = (runtime.train if mode == "train" else runtime.embed)(config, workdir)
+    except workdir_lib.Stopped as stopped:  # a requested stop is a success
+      events.warning("%s", stopped)
+      return
   elif mode == "eval":
     results = runtime.evaluate_checkpoint(config, workdir, which=_CHECKPOINT.value)
     print(class_table(results))
@@ -185,4 +187,4 @@ def _installed_config_paths(argv: list[str]) -> list[str]:
 
 def run() -> None:
   """Entry point of `launch.py` and of the `usss-jax` console script."""
-  app.run(main, argv=_installed_config_paths(sys.argv))
+  cli.run(main, argv=_installed_config_paths(sys.argv))

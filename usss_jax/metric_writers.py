@@ -33,9 +33,10 @@ TENSORBOARD_SUBDIR = "tensorboard"
 class NonFiniteLossError(FloatingPointError):
   """A logged loss/metric became NaN or Inf."""
 
-  def __init__(self, step: int, name: str, value: float):
+  def __init__(self, step: int, name: str, value: float, kept_step: int | None = None):
     self.step, self.name, self.value = step, name, value
-    super().__init__(f"non-finite {name}={value} at step {step}")
+    kept = "" if kept_step is None else f"; the last good checkpoint, step {kept_step}, is kept"
+    super().__init__(f"non-finite {name}={value} at step {step}{kept}")
 
 
 def _to_number(value: Any, name: str) -> int | float | bool:
@@ -50,12 +51,16 @@ def _to_number(value: Any, name: str) -> int | float | bool:
   return array.reshape(()).item()
 
 
-def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
-  """Raises NonFiniteLossError for the first NaN/Inf value in `metrics`."""
-  for name, value in metrics.items():
-    number = float(_to_number(value, name))
+def check_finite(step: int, metrics: Mapping[str, Any], kept_step: int | None = None) -> None:
+  """Raises NonFiniteLossError for the first NaN/Inf value in `metrics`.
+
+  The terms are checked before their sum "loss", so the error names the term that broke;
+  `kept_step` (the newest checkpoint) goes into the message.
+  """
+  for name in sorted(metrics, key=lambda n: n == "loss"):
+    number = float(_to_number(metrics[name], name))
     if not math.isfinite(number):
-      raise NonFiniteLossError(int(step), name, number)
+      raise NonFiniteLossError(int(step), name, number, kept_step)
 
 
 def _to_plain(value: Any, name: str) -> Any:

@@ -10,7 +10,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 
 from usss_jax import config as config_lib
-from usss_jax import evaluate, files, inference, segmenter, train_step
+from usss_jax import evaluate, files, inference, segmenter, train_step, workdir as workdir_lib
 from usss_jax.data.base import load_rgb
 from usss_jax.domains import build_domains
 from usss_jax.label_embeddings import stage
@@ -28,16 +28,20 @@ def _summary(results: dict, names: Sequence[str]) -> dict:
 def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict, list]:
   """The label-embedding stage where the method needs it, then (resumed) training.
 
+  Holds the workdir's lock and turns SIGTERM / SIGINT into a checkpoint and `Stopped`
+  (`usss_jax.workdir.RunGuard`).
+
   Returns:
     (final state, last evaluation results or {}, domains).
   """
   config_lib.validate_config(config)
-  domains = build_domains(config, workdir)
-  embeddings = None
-  if config_lib.loss_spec_from_config(config).uses_label_embeddings:
-    embeddings = stage.prepare(config, workdir, domains)
-  state, results, _, domains = run_training(config, workdir, domains=domains,
-                                            label_embeddings=embeddings)
+  with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
+    domains = build_domains(config, workdir)
+    embeddings = None
+    if config_lib.loss_spec_from_config(config).uses_label_embeddings:
+      embeddings = stage.prepare(config, workdir, domains)
+    state, results, _, domains = run_training(config, workdir, domains=domains,
+                                              label_embeddings=embeddings)
   return state, results, domains
 
 
@@ -50,8 +54,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs only the label-embedding stage; returns where the embeddings went."""
   config_lib.validate_config(config)
-  domains = build_domains(config, workdir)
-  embs = stage.prepare(config, workdir, domains)
+  with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
+    domains = build_domains(config, workdir)
+    embs = stage.prepare(config, workdir, domains)
   return {d.name: {"shape": list(e.shape),
                    "file": os.path.join(stage.embeddings_dir(workdir), f"{d.name}.npz")}
           for d, e in zip(domains, embs)}

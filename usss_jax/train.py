@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from clu import parameter_overview
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -26,7 +27,9 @@ import tqdm
 from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
 from usss_jax import evaluate, files, metric_writers, sharding, train_step
+from usss_jax import workdir as workdir_lib
 from usss_jax.data import pipeline
+from usss_jax.data.base import DataError
 from usss_jax.data.strong_augment import StrongAugmentConfig
 from usss_jax.domains import Domain, build_domains, save_label_spaces
 
@@ -96,11 +99,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
       seed=config.seed, mesh=mesh, normalization=config.normalization,
       worker_count=config.workers, cache_mb=config.data_cache_mb,
       strong=(StrongAugmentConfig.from_dict(config.strong_augment) if spec.uses_consistency
-              else None))
+              else None),
+      skip_bad_images=config.skip_bad_images)
   start_step = 0
-  if checkpointer.latest_step() is not None:
-    state, extra = checkpointer.restore(sharding.abstract_like(state),
-                                        checkpointer.latest_step())
+  restored = restore_newest_readable(checkpointer, sharding.abstract_like(state), log_prefix)
+  if restored is not None:
+    state, extra = restored
     train_input.set_state(extra["data"])
     start_step = int(jax.device_get(state["step"]))
     log.info("%sresumed from %s at step %d", log_prefix, checkpointer.directory, start_step)
@@ -135,20 +139,32 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   last_log_time, last_log_step = time.time(), start_step
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = next(train_input)
+      try:
+        batch = next(train_input)
+      except DataError as e:
+        kept = checkpointer.latest_step()
+        raise DataError(
+            f"training step {step}: {e}\nhint: the checkpoints (newest: "
+            f"{'none' if kept is None else f'step {kept}'}) are kept; replace the file or set "
+            "--config.skip_bad_images=True, then run again to resume") from e
       state, step_metrics = step_fn(state, batch)
+      workdir_lib.note_training_step()
       pending.append((step, step_metrics))
       is_last = step == config.total_steps
-      do_ckpt = step % config.checkpoint_every == 0 or is_last
+      stop_signal = _stop_agreed(step, config.log_every)
+      do_ckpt = step % config.checkpoint_every == 0 or is_last or bool(stop_signal)
       do_eval = eval_domains and (step % config.eval_every == 0 or is_last)
       if step % config.log_every == 0 or do_ckpt or do_eval:
         host = jax.device_get(pending)
         pending = []
         for s, m in host:
-          metric_writers.check_finite(s, {k: v for k, v in m.items() if k != "grad_norm"})
+          metric_writers.check_finite(s, {k: v for k, v in m.items() if k != "grad_norm"},
+                                      kept_step=checkpointer.latest_step())
         now = time.time()
         scalars = {k: float(v) for k, v in host[-1][1].items()}
         scalars["learning_rate"] = float(schedule(step))
+        if config.skip_bad_images:
+          scalars["bad_images_skipped"] = train_input.bad_images_skipped
         scalars["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step
         writer.write_scalars(step, scalars)
@@ -160,15 +176,53 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         log.info("%ssaved checkpoint %s/%d", log_prefix, checkpointer.directory, step)
       if do_eval:
         results = run_eval_now(step)
+      if stop_signal and not is_last:
+        raise workdir_lib.Stopped(step, stop_signal)
   finally:
     progress.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
     train_input.close()
+    if train_input.bad_images_skipped:
+      log.warning("%sskipped %d unloadable image(s) (skip_bad_images=True): %s", log_prefix,
+                  train_input.bad_images_skipped, ", ".join(train_input.bad_images) or
+                  "before this resume")
   if run_eval and not results and eval_domains and start_step >= config.total_steps:
     results = run_eval_now(start_step)
   return state, results, model, domains
+
+
+def restore_newest_readable(checkpointer: ckpt_lib.Checkpointer, target: Any,
+                            log_prefix: str = "") -> tuple[Any, dict] | None:
+  """(state, extra) of the newest checkpoint that reads, or None when there is none.
+
+  An unreadable one is moved aside (never deleted: `Checkpointer.set_aside`) with a warning
+  line saying which and why, and the next older one is tried.
+  """
+  while (step := checkpointer.latest_step()) is not None:
+    try:
+      return checkpointer.restore(target, step)
+    except ckpt_lib.UnreadableCheckpointError as e:
+      moved = checkpointer.set_aside(step)
+      log.warning("%sskipped unreadable checkpoint %s/%d (%s); moved it to %s", log_prefix,
+                  checkpointer.directory, step, e.reason, moved)
+  return None
+
+
+def _stop_agreed(step: int, every: int) -> str | None:
+  """The signal that asked to stop after `step`, agreed by all processes, or None.
+
+  On several processes the flags are combined every `every` steps (a checkpoint save needs
+  all of them): a stop then lands on the next log step.
+  """
+  requested = workdir_lib.stop_requested()
+  if jax.process_count() == 1:
+    return requested
+  if step % every:
+    return None
+  anyone = multihost_utils.process_allgather(np.int32(requested is not None)).any()
+  return (requested or "SIGTERM") if anyone else None
 
 
 # Unsupervised terms that carry no gradient once they reach ~0 (the reference formulation

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from usss_jax import cli
 from usss_jax.analysis import commands
 
 COMMANDS = ("predict_any", "correspondence", "tsne")
@@ -90,4 +91,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -40,13 +40,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from usss_jax import sharding
-from usss_jax.data.base import Example
+from usss_jax.data.base import DataError, Example
 from usss_jax.data.strong_augment import StrongAugmentConfig
 from usss_jax.data.transforms import LoadAndAugment
 from usss_jax.domains import Domain
 
 _STATE_FORMAT = "usss_jax.TrainInput/1"
 _KINDS = ("labeled", "unlabeled")
+# Per-element bookkeeping of skip_bad_images, taken out of the batches before they are returned.
+_SKIPPED = "bad_images_skipped"
+_SKIPPED_FROM = "bad_image_index"
+MAX_REPORTED_BAD_IMAGES = 10
 
 
 def _stream_seeds(seed: int, domain: str, kind: str) -> tuple[int, int]:
@@ -63,6 +67,38 @@ def _keys_digest(examples: Sequence[Example]) -> str:
 def _ensure_absl_flags_parsed() -> None:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+class StreamTransform:
+  """A stream's `(Example, rng) -> arrays` map: data errors name the domain and the stream.
+
+  With `skip_bad_images`, an example that fails to load is replaced by the next loadable one
+  of the stream's (sorted) examples, deterministically; each element then also carries how
+  many it skipped and the index of the first skipped one (-1: none).
+  """
+
+  def __init__(self, transform: LoadAndAugment, examples: Sequence[Example], domain: str,
+               kind: str, skip_bad_images: bool = False):
+    self.transform, self.examples = transform, list(examples)
+    self.domain, self.kind, self.skip_bad_images = domain, kind, skip_bad_images
+    self._positions = {ex.key: i for i, ex in enumerate(self.examples)}
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    start = self._positions[example.key]
+    for skipped in range(len(self.examples)):
+      candidate = self.examples[(start + skipped) % len(self.examples)]
+      try:
+        out = self.transform(candidate, rng)  # a failing load draws nothing from rng
+      except DataError as e:
+        if not self.skip_bad_images:
+          raise DataError(f"domain {self.domain!r}, {self.kind} stream: {e}") from e
+        continue
+      if self.skip_bad_images:
+        out[_SKIPPED] = np.int32(skipped)
+        out[_SKIPPED_FROM] = np.int32(start if skipped else -1)
+      return out
+    raise DataError(f"domain {self.domain!r}, {self.kind} stream: none of its "
+                    f"{len(self.examples)} images loads (skip_bad_images=True)")
 
 
 def _check_divisible(what: str, size: int, process_count: int, data_devices: int | None):
@@ -96,6 +132,8 @@ class TrainInput:
     cache_mb: decoded (resized) images kept in memory per stream, in MiB.
     strong: strong views of unlabeled images (consistency): the unlabeled batches then also
       hold "strong" [B_u, h, w, 3], "cutmix_mask" and "valid" [B_u, h, w] bool.
+    skip_bad_images: replace an image that fails to load by the next loadable one of its
+      stream (counted in `bad_images_skipped`) instead of raising DataError.
     prefetch_steps: steps buffered ahead per process.
     process_index, process_count: host slice to produce; default = JAX's. Only
       overridable with mesh=None (to test the per-host logic in one process).
@@ -107,6 +145,7 @@ class TrainInput:
                data_axis: str = sharding.DATA_AXIS, read_threads: int = 2,
                prefetch_steps: int = 2,
                cache_mb: int = 0, strong: StrongAugmentConfig | None = None,
+               skip_bad_images: bool = False,
                process_index: int | None = None, process_count: int | None = None):
     if not domains:
       raise ValueError("TrainInput needs at least one domain")
@@ -139,10 +178,13 @@ class TrainInput:
     self._labeled_batch = labeled_batch
     self._unlabeled_batch = unlabeled_batch
     self._worker_count = worker_count
+    self._skip_bad_images = skip_bad_images
+    self.bad_images_skipped = 0  # over the whole run (restored with the state)
+    self.bad_images: list[str] = []  # the first few this process met: "<domain> <kind> <path>"
     self._read_options = grain.ReadOptions(num_threads=read_threads,
                                            prefetch_buffer_size=prefetch_steps)
     # Streams in a fixed order: (domain, kind, global batch size, MapDataset of host batches).
-    self._streams: list[tuple[str, str, int]] = []
+    self._streams: list[tuple[str, str, int, list[Example]]] = []
     parts = []
     for d in domains:
       if not d.labeled:
@@ -156,9 +198,10 @@ class TrainInput:
             resize_hw=d.resize_hw, scale_range=d.scale_range, flip=d.flip,
             normalization=normalization, cache_bytes=cache_mb << 20,
             strong=strong if kind == "unlabeled" else None)
-        parts.append(self._stream(examples, batch // self._process_count, transform,
+        stream_transform = StreamTransform(transform, examples, d.name, kind, skip_bad_images)
+        parts.append(self._stream(examples, batch // self._process_count, stream_transform,
                                   *_stream_seeds(seed, d.name, kind)))
-        self._streams.append((d.name, kind, batch))
+        self._streams.append((d.name, kind, batch, list(examples)))
     length = min(len(p) for p in parts)  # all "infinite"; zip wants equal lengths
     self._steps = grain.experimental.ZipMapDataset([p[:length] for p in parts])
     self._fingerprint = self._make_fingerprint(domains, seed, normalization, strong)
@@ -167,7 +210,7 @@ class TrainInput:
     if worker_count:
       _ensure_absl_flags_parsed()
 
-  def _stream(self, examples: Sequence[Example], host_batch: int, transform: LoadAndAugment,
+  def _stream(self, examples: Sequence[Example], host_batch: int, transform: StreamTransform,
               shuffle_seed: int, map_seed: int) -> grain.MapDataset:
     ds = grain.MapDataset.source(list(examples))
     ds = ds.shuffle(seed=shuffle_seed).repeat(None)  # shuffle first: new order every epoch
@@ -200,13 +243,24 @@ class TrainInput:
     host_batches = next(self._iterator)
     self._next_step += 1
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for (domain, kind, global_batch), batch in zip(self._streams, host_batches):
+    for (domain, kind, global_batch, examples), batch in zip(self._streams, host_batches):
+      if self._skip_bad_images:
+        self._count_skipped(domain, kind, examples, batch.pop(_SKIPPED),
+                            batch.pop(_SKIPPED_FROM))
       if self._sharding is not None:
         batch = {k: jax.make_array_from_process_local_data(
                      self._sharding, v, (global_batch,) + v.shape[1:])
                  for k, v in batch.items()}
       out.setdefault(domain, {})[kind] = batch
     return out
+
+  def _count_skipped(self, domain: str, kind: str, examples: Sequence[Example],
+                     skipped: np.ndarray, skipped_from: np.ndarray) -> None:
+    self.bad_images_skipped += int(skipped.sum())
+    for index in skipped_from[skipped_from >= 0]:
+      entry = f"{domain} {kind} {examples[index].image_path}"
+      if len(self.bad_images) < MAX_REPORTED_BAD_IMAGES and entry not in self.bad_images:
+        self.bad_images.append(entry)
 
   @property
   def next_step(self) -> int:
@@ -216,7 +270,7 @@ class TrainInput:
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position; `set_state` of it restores the next batch."""
     return {"format": _STATE_FORMAT, "next_step": self._next_step,
-            "fingerprint": self._fingerprint}
+            "fingerprint": self._fingerprint, _SKIPPED: self.bad_images_skipped}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("format") != _STATE_FORMAT:
@@ -227,6 +281,7 @@ class TrainInput:
                        "augmentation differ); refusing to resume from it")
     self.close()
     self._next_step = int(state["next_step"])
+    self.bad_images_skipped = int(state.get(_SKIPPED, 0))
 
   def close(self) -> None:
     """Stops worker processes/threads; the next `next()` restarts them."""
