@@ -85,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Label embeddings (paper supplementary B.1).
   c.label_embeddings = ml_collections.ConfigDict(dict(
       source="pretrain",     # pretrain | file | random
-      file="",               # .npz/.npy per domain: "name=path,name=path" or one .npz with a key per domain
+      # .npz/.npy per domain: "name=path,name=path", or one .npz with a key per domain
+      file="",
       pretrain_steps=500,    # steps of the per-domain supervised model
       pretrain_checkpoint="",  # reuse a trained model instead (workdir of a 'single' run)
       max_pixels_per_image=4096,

@@ -237,8 +237,9 @@ from helpers import tiny_demo_config
 
 def get_config():
   return tiny_demo_config({root!r}, embedding_dim=6, total_steps=4, checkpoint_every=4,
-                          log_every=4, eval_max_examples=2, **{{"domains.street.generate_demo": False,
-                          "domains.indoor.generate_demo": False}})
+                          log_every=4, eval_max_examples=2,
+                          **{{"domains.street.generate_demo": False,
+                              "domains.indoor.generate_demo": False}})
 """
 
 

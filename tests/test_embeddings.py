@@ -1,4 +1,7 @@
-"""Tests of usss_jax.label_embeddings (stats, kmeans, store, the two-pass driver, ema) against float64 NumPy references."""
+"""Tests of usss_jax.label_embeddings (stats, kmeans, store, the two-pass driver, ema).
+
+Against float64 NumPy references.
+"""
 
 import os
 

@@ -54,7 +54,8 @@ def test_run_writes_checkpoints_logs_and_evaluates(uninterrupted):
   train_lines = [l for l in lines if l.get("kind") == "train"]
   assert [l["step"] for l in train_lines] == list(range(1, 9))
   assert all(np.isfinite(l["loss"]) for l in train_lines)
-  assert {"supervised/street", "within/indoor", "cross/street", "learning_rate"} <= set(train_lines[0])
+  expected = {"supervised/street", "within/indoor", "cross/street", "learning_rate"}
+  assert expected <= set(train_lines[0])
   evals = [l for l in lines if l.get("kind") == "eval"]
   assert evals and "miou" in evals[-1]["street"] and "miou" in evals[-1]["indoor"]
   events = list(pathlib.Path(workdir, "tensorboard").rglob("events.out.tfevents*"))

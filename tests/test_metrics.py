@@ -42,7 +42,8 @@ def test_confusion_matrix_vs_numpy_and_jit():
   for g, p in zip(label.ravel(), pred.ravel()):
     if g != 255:
       ref[g, p] += 1
-  got = jax.jit(metrics.confusion_matrix, static_argnums=2)(jnp.asarray(pred), jnp.asarray(label), c)
+  confusion = jax.jit(metrics.confusion_matrix, static_argnums=2)
+  got = confusion(jnp.asarray(pred), jnp.asarray(label), c)
   np.testing.assert_array_equal(got, ref)
   assert got.sum() == (label != 255).sum()
   acc = metrics.pixel_accuracy(got)

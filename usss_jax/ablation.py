@@ -218,7 +218,8 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
     classes, rows = None, []
     for method in METHOD_ORDER:
       runs = [v for k, v in details["runs"].items()
-              if (k.endswith(f"/{method}") or (method == "single" and k.endswith(f"/single_{name}")))]
+              if k.endswith(f"/{method}")
+              or (method == "single" and k.endswith(f"/single_{name}"))]
       if not runs:
         continue
       ious = [r["domains"][name]["iou"] for r in runs if name in r["domains"]]
