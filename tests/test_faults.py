@@ -97,9 +97,7 @@ def _wait_for_step(child, workdir: pathlib.Path, step: int, offset: int, log_pat
   deadline = time.time() + timeout
   while time.time() < deadline and child.poll() is None:
     if metrics.exists():
-      with open(metrics) as f:
-        f.seek(offset)
-        records = [json.loads(line) for line in f.read().splitlines() if line]
+      records = metric_writers.read_records(str(metrics), offset)
       if any(r.get("kind") == "train" and r["step"] >= step for r in records):
         return
     time.sleep(0.05)

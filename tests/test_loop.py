@@ -96,8 +96,8 @@ def test_killed_run_resumes_to_identical_parameters(uninterrupted, data_root, tm
   deadline = time.time() + 240
   # Kill (SIGKILL: no clean-up at all) once step 5 is logged, i.e. mid-way after checkpoint 4.
   while time.time() < deadline and child.poll() is None:
-    if metrics.exists() and any(json.loads(l).get("step", 0) >= 5 and json.loads(l).get("kind") ==
-                                "train" for l in metrics.read_text().splitlines() if l):
+    if metrics.exists() and any(r.get("step", 0) >= 5 and r.get("kind") == "train"
+                                for r in metric_writers.read_records(str(metrics))):
       break
     time.sleep(0.05)
   assert child.poll() is None, child.stderr.read().decode()[-2000:]

@@ -13,7 +13,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
 from usss_jax.metric_writers import (MetricWriter, NonFiniteLossError,
-                                     check_finite)
+                                     check_finite, read_records)
 
 # --- A TFRecord / event-file reader written from the format spec, independent of the writer.
 
@@ -119,6 +119,22 @@ def test_each_line_is_on_disk_before_close(tmp_path):
   # Read while the writer is still open: a killed run keeps this line.
   assert _read_jsonl(tmp_path) == [{"step": 1, "kind": "train", "loss": 2.0}]
   writer.close()
+
+
+def test_torn_last_line_is_skipped_by_readers_and_cut_on_resume(tmp_path):
+  """A kill mid-write leaves an unterminated line; the resumed run must not glue onto it."""
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    writer.write_scalars(1, {"loss": 2.0})
+  path = os.path.join(str(tmp_path), "metrics.jsonl")
+  whole = open(path, "rb").read()
+  with open(path, "ab") as f:
+    f.write(b'{"step": 2, "kind": "train", "lo')  # what a SIGKILL mid-write leaves
+  assert read_records(path) == [{"step": 1, "kind": "train", "loss": 2.0}]
+  assert read_records(path, offset=len(whole)) == []
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    writer.write_scalars(2, {"loss": 1.5})
+  assert _read_jsonl(tmp_path) == [{"step": 1, "kind": "train", "loss": 2.0},
+                                   {"step": 2, "kind": "train", "loss": 1.5}]
 
 
 def test_eval_results_nested(tmp_path):

@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from scipy import stats
 
 from usss_jax import config as config_lib
-from usss_jax import cli, files, runtime, train_step, workdir as workdir_lib
+from usss_jax import cli, files, metric_writers, runtime, train_step, workdir as workdir_lib
 from usss_jax.analysis import plots
 from usss_jax.data import registry
 from usss_jax.label_embeddings import stage
@@ -262,8 +262,7 @@ def unsupervised_curves(workdir: str) -> dict:
       path = os.path.join(workdir, seed_dir, method, "metrics.jsonl")
       if not os.path.exists(path):
         continue
-      with open(path) as f:
-        records = [json.loads(line) for line in f if '"kind": "train"' in line]
+      records = [r for r in metric_writers.read_records(path) if r.get("kind") == "train"]
       for term in UNSUPERVISED_TERMS:
         points = [(r["step"], np.mean([v for k, v in r.items()
                                        if k.startswith(term + "/") and v is not None]))

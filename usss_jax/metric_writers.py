@@ -5,8 +5,10 @@ files are written with tensorboardX instead.
 
 Files in `workdir`:
   metrics.jsonl   one JSON object per write ({"step", "kind": "train"|"eval"|
-                  "hparams", ...}), appended and flushed line by line so a killed
+                  "hparams", ...}), each line appended by one write() so a killed
                   run keeps everything it logged. Strict JSON: NaN/Inf become null.
+                  A line torn by a kill mid-write is cut off when the run resumes;
+                  `read_records` skips an unterminated last line (a write in flight).
   tensorboard/    tensorboardX event files (scalars, images, hparams).
 
 Multi-host: construct with `enabled=jax.process_index() == 0`; a disabled
@@ -16,10 +18,11 @@ writer creates no files and ignores every call.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any
 
 from flax import traverse_util
 import numpy as np
@@ -28,6 +31,31 @@ from tensorboardX import summary
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
+
+
+def read_records(path: str, offset: int = 0) -> list[dict]:
+  """The complete JSON lines of a metrics.jsonl past byte `offset`; an unterminated last
+  line (being written by a live run, or torn by a kill) is left out."""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    data = f.read()
+  complete = data[:data.rfind(b"\n") + 1]
+  return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+
+
+def _cut_torn_tail(path: str) -> None:
+  """Truncates `path` after its last newline: a line cut short by a kill mid-write would
+  otherwise glue onto the first line the resumed run appends."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if not data or data.endswith(b"\n"):
+      return
+    keep = data.rfind(b"\n") + 1
+    f.truncate(keep)
+  logging.warning("%s: cut off a torn last line (%d bytes, from a killed run)",
+                  path, len(data) - keep)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,19 +134,23 @@ class MetricWriter:
     """
     self.workdir = workdir
     self.enabled = enabled
-    self._jsonl: TextIO | None = None
+    self._jsonl: int | None = None  # O_APPEND file descriptor
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILENAME), "a", encoding="utf-8")
+    path = os.path.join(workdir, METRICS_FILENAME)
+    _cut_torn_tail(path)
+    self._jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if tensorboard:
       self._tb = tensorboardX.SummaryWriter(
           logdir=os.path.join(workdir, TENSORBOARD_SUBDIR), flush_secs=30)
 
   def _write_line(self, record: Mapping[str, Any]) -> None:
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    self._jsonl.flush()
+    # One unbuffered write per line: a reader or a kill sees whole lines or one torn tail.
+    data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    while data:
+      data = data[os.write(self._jsonl, data):]
 
   @staticmethod
   def _check_reserved(values: Mapping[str, Any]) -> None:
@@ -196,14 +228,12 @@ class MetricWriter:
         file_writer.add_summary(proto)
 
   def flush(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:
-      self._jsonl.close()
+      os.close(self._jsonl)
       self._jsonl = None
     if self._tb is not None:
       self._tb.close()
