@@ -175,7 +175,8 @@ def test_unreadable_newest_checkpoint_is_set_aside_and_resume_falls_back(
   skipped = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in r.getMessage()]
   assert len(skipped) == 1 and "\n" not in skipped[0], skipped
   assert f"{workdir}/checkpoints/12" in skipped[0] and "unreadable/12" in skipped[0]
-  assert len(skipped[0]) < 400
+  # One short line: the reason is cut to an excerpt (the run's own path length aside).
+  assert len(skipped[0].replace(str(workdir), "RUN")) < 320, skipped[0]
   assert any("resumed from" in r.getMessage() and "step 10" in r.getMessage()
              for r in caplog.records)
   # The damaged checkpoint is kept aside; step 12 was trained again and saved in its place.
