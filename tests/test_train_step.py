@@ -126,7 +126,7 @@ def test_sharded_step_equals_single_device():
   # reduction-order noise, which later steps would amplify through near-zero BN biases.
   for i in range(3):
     b = make_batch(i)
-    start = copy_tree(jax.device_get(s_state))
+    start = copy_tree(s_state)
     s_state, s_m = sharded_step(s_state, jax.device_put(b, sharding.batch_sharded(mesh)))
     u_state, u_m = single_step(jax.device_put(start, jax.devices()[0]),
                                jax.device_put(b, jax.devices()[0]))

@@ -39,6 +39,8 @@ from jax.experimental import multihost_utils
 
 PyTree = Any
 
+log = logging.getLogger("usss_jax")
+
 _STATE_ITEM = "state"
 _EXTRA_ITEM = "extra"
 _BEST_SUBDIR = "best"
@@ -192,7 +194,7 @@ def _remove_interrupted(directory: epath.Path, *, allow_best: bool) -> None:
   _sync_processes(f"usss_checkpoint_scanned:{directory}")
   if jax.process_index() == 0:
     for step_dir in interrupted:
-      logging.warning("Removing interrupted checkpoint %s (no %s)", step_dir,
+      log.warning("Removing interrupted checkpoint %s (no %s)", step_dir,
                       _COMMIT_MARKER)
       step_dir.rmtree()
   _sync_processes(f"usss_checkpoint_cleaned:{directory}")
@@ -308,7 +310,7 @@ class Checkpointer:
       return False
     value = float(metric_value)
     if not math.isfinite(value):
-      logging.warning("Not saving best checkpoint at step %d: %s=%s", step,
+      log.warning("Not saving best checkpoint at step %d: %s=%s", step,
                       self.best_metric, value)
       return False
     if self._best_value is not None:

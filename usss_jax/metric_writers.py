@@ -32,6 +32,8 @@ from tensorboardX import summary
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 
+log = logging.getLogger("usss_jax")
+
 
 def read_records(path: str, offset: int = 0) -> list[dict]:
   """The complete JSON lines of a metrics.jsonl past byte `offset`; an unterminated last
@@ -49,13 +51,16 @@ def _cut_torn_tail(path: str) -> None:
   if not os.path.exists(path):
     return
   with open(path, "rb+") as f:
-    data = f.read()
-    if not data or data.endswith(b"\n"):
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
       return
-    keep = data.rfind(b"\n") + 1
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return  # the usual case: only the last byte is read
+    f.seek(0)
+    keep = f.read().rfind(b"\n") + 1
     f.truncate(keep)
-  logging.warning("%s: cut off a torn last line (%d bytes, from a killed run)",
-                  path, len(data) - keep)
+  log.warning("%s: cut off a torn last line (%d bytes, from a killed run)", path, size - keep)
 
 
 class NonFiniteLossError(FloatingPointError):
