@@ -37,6 +37,26 @@ def domain(dataset: str, root: str, *, crop, train_split="train", eval_split="va
       holdout=holdout, options=ml_collections.ConfigDict(options)))
 
 
+# Variants a paper config takes after its name ("configs/cs_sun.py:consistency").
+PAPER_VARIANTS = {
+    # The recommended method of docs/RESULTS.md (chosen on validation data): weak-to-strong
+    # consistency per domain, threshold 0.95, the student as its own teacher.
+    "consistency": dict(method="consistency"),
+}
+
+
+def paper_variant(c: ml_collections.ConfigDict, arg: str | None,
+                  config_file: str) -> ml_collections.ConfigDict:
+  """Applies the named variant of PAPER_VARIANTS to a paper config (None: the paper's method)."""
+  if arg is None:
+    return c
+  if arg not in PAPER_VARIANTS:
+    raise ValueError(f"{config_file}: unknown variant {arg!r}; choose from "
+                     f"{sorted(PAPER_VARIANTS)} or none")
+  c.update(PAPER_VARIANTS[arg])
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # single | basic | cross | full | ser | consistency | universal (usss_jax/config.py: METHODS).

@@ -1,11 +1,14 @@
-"""Cityscapes (19) + CamVid (11): the paper's recipe (crops 512x512 and 360x480)."""
+"""Cityscapes (19) + CamVid (11): the paper's recipe (crops 512x512 and 360x480).
+
+"configs/cs_camvid.py:consistency" trains with the recommended method instead (docs/RESULTS.md).
+"""
 
 import os
 
 from configs import common
 
 
-def get_config():
+def get_config(arg: str | None = None):
   c = common.base_config()
   c.domain_names = ("cityscapes", "camvid")
   c.domains.cityscapes = common.domain("cityscapes", os.path.join(common.DATA_ROOT, "cityscapes"),
@@ -13,4 +16,4 @@ def get_config():
   c.domains.camvid = common.domain("camvid", os.path.join(common.DATA_ROOT, "camvid"),
                                    crop=(360, 480), eval_split="test")
   c.total_steps = 60000
-  return c
+  return common.paper_variant(c, arg, "configs/cs_camvid.py")

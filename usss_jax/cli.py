@@ -58,6 +58,10 @@ def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
     if not os.path.exists(path):
       return (f"--config={path}: no such config file (pass a configs/*.py file, or an "
               "installed config by name, e.g. --config=demo)")
+  if config_arg and "Error whilst parsing config file" in text and "Traceback" in text:
+    # get_config raised (a bad "file.py:argument"): its own message, not the traceback.
+    kind, _, message = text.strip().splitlines()[-1].partition(": ")
+    return f"{config_arg}: {message or kind}"
   return " ".join(text.split())
 
 
