@@ -171,19 +171,21 @@ def plot_unsupervised_terms(curves: dict, path: str) -> str:
   rows = -(-len(terms) // cols)
   fig = _figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained", dpi=110)
   axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  # One colour per method across panels; each panel names its own methods (terms differ).
+  colours = {m: f"C{i}" for i, m in enumerate(sorted(curves))}
   for ax, term in zip(axes, terms):
     for method, per_method in sorted(curves.items()):
       if term in per_method:
         steps, values = per_method[term]
-        ax.plot(steps, values, label=method)
-    ax.set_title(term, fontsize=9)
+        ax.plot(steps, values, label=method, color=colours[method])
+    ax.legend(fontsize=7)
+    ax.set_title(f"{term} (mean over domains and seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if term in ("within_entropy", "cross_entropy", "embedding_norm"):
       ax.set_yscale("log")
   for ax in axes[len(terms):]:
     ax.axis("off")
-  axes[0].legend(fontsize=7)
   _makedirs_for(path)
   fig.savefig(path)
   return path
