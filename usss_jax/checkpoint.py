@@ -194,8 +194,7 @@ def _remove_interrupted(directory: epath.Path, *, allow_best: bool) -> None:
   _sync_processes(f"usss_checkpoint_scanned:{directory}")
   if jax.process_index() == 0:
     for step_dir in interrupted:
-      log.warning("Removing interrupted checkpoint %s (no %s)", step_dir,
-                      _COMMIT_MARKER)
+      log.warning("Removing interrupted checkpoint %s (no %s)", step_dir, _COMMIT_MARKER)
       step_dir.rmtree()
   _sync_processes(f"usss_checkpoint_cleaned:{directory}")
 
@@ -310,8 +309,8 @@ class Checkpointer:
       return False
     value = float(metric_value)
     if not math.isfinite(value):
-      log.warning("Not saving best checkpoint at step %d: %s=%s", step,
-                      self.best_metric, value)
+      log.warning("Not saving best checkpoint at step %d: %s=%s", step, self.best_metric,
+                  value)
       return False
     if self._best_value is not None:
       better = value > self._best_value if self.best_mode == "max" else value < self._best_value
