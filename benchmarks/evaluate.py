@@ -34,8 +34,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from configs import common as config_common  # noqa: E402
-from usss_jax import evaluate, sharding, train_step  # noqa: E402
+from usss_jax import config as config_lib  # noqa: E402
+from usss_jax import evaluate, sharding  # noqa: E402
+from usss_jax import state as state_lib  # noqa: E402
 
 from usss_jax.data.base import IGNORE_LABEL  # noqa: E402
 
@@ -77,11 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_model(args):
-  config = config_common.base_config()
+  config = config_lib.base_config()
   config.encoder = args.encoder
   config.encoder_channels = tuple(int(v) for v in args.encoder_channels.split(",") if v)
   config.dtype = args.dtype
-  return train_step.make_model(config, (args.classes,))
+  return state_lib.make_model(config, (args.classes,))
 
 
 def measure_size(args, hw: tuple[int, int]) -> dict:
@@ -90,7 +91,7 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
   model = make_model(args)
   start = time.perf_counter()
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      train_step.init_rng(0))
+      state_lib.init_rng(0))
   variables = jax.block_until_ready(variables)
   init_s = time.perf_counter() - start
   mesh = sharding.local_mesh()

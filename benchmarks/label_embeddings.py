@@ -3,9 +3,9 @@
   .venv/bin/python benchmarks/label_embeddings.py [--images 4,16,64] [--json]
   .venv/bin/python benchmarks/label_embeddings.py --tiny    # quick smoke run
 
-The stage is what `label_embeddings.stage.compute_from_model` runs: the encoder over
+The stage is what `label_embedding_stage.compute_from_model` runs: the encoder over
 every labeled image (`stage.feature_label_batches`: eval-mode forward,
-labels sampled at the feature cells), then `stage.compute_label_embeddings`
+labels sampled at the feature cells), then `label_embeddings.compute_label_embeddings`
 (streaming PCA pass + streaming centroid pass, so the images go through the
 encoder twice). The same two calls are made here, with the feature generator
 wrapped only to time each pass. Images and labels are synthetic (an in-memory
@@ -40,9 +40,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from configs import common as config_common  # noqa: E402
-from usss_jax import domains, train_step  # noqa: E402
-from usss_jax.label_embeddings import stage, stats  # noqa: E402
+from usss_jax import config as config_lib  # noqa: E402
+from usss_jax import domains  # noqa: E402
+from usss_jax import state as state_lib  # noqa: E402
+from usss_jax import label_embedding_stage as stage  # noqa: E402
+from usss_jax.label_embeddings import compute_label_embeddings, stats  # noqa: E402
 from usss_jax.data import base as data_base  # noqa: E402
 
 
@@ -108,12 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure(args, num_images: int) -> dict:
   """One row: the whole embedding stage over `num_images` images in this process."""
   load_start = common.load_average()
-  config = config_common.base_config()
+  config = config_lib.base_config()
   config.encoder = args.encoder
   config.encoder_channels = tuple(int(v) for v in args.encoder_channels.split(",") if v)
-  model = train_step.make_model(config, (args.classes,))
+  model = state_lib.make_model(config, (args.classes,))
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(
-      train_step.init_rng(0))
+      state_lib.init_rng(0))
   variables = jax.block_until_ready(variables)
   reader = SyntheticReader(args.classes, (args.height, args.width))
   domain = domains.Domain(name="synthetic", reader=reader, labeled=reader.examples(num_images))
@@ -124,7 +126,7 @@ def measure(args, num_images: int) -> dict:
     start = time.perf_counter()
     record = {"first_s": None, "rows": 0}
     for features, labels in stage.feature_label_batches(
-        model, variables, domain, normalization="imagenet",
+        model, variables, domain, resize_hw=None, normalization="imagenet",
         max_pixels_per_image=args.max_pixels_per_image, seed=0):
       if record["first_s"] is None:
         record["first_s"] = time.perf_counter() - start
@@ -138,7 +140,7 @@ def measure(args, num_images: int) -> dict:
   if not args.no_tracemalloc:
     tracemalloc.start()
   cpu_start, start = time.process_time(), time.perf_counter()
-  result = stage.compute_label_embeddings(batches_fn, num_classes=args.classes,
+  result = compute_label_embeddings(batches_fn, num_classes=args.classes,
                                             dim=args.embedding_dim, k=1, seed=0)
   wall = time.perf_counter() - start
   cpu = time.process_time() - cpu_start

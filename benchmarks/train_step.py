@@ -4,7 +4,7 @@
   .venv/bin/python benchmarks/train_step.py --tiny          # seconds-long smoke run
 
 The step is the project's own (`train_step.make_train_step` + `train_step.jit_train_step`
-on `sharding.make_mesh()`), built from `configs.common.base_config()`: method
+on `sharding.make_mesh()`), built from `usss_jax.config.base_config()`: method
 "full" with alpha = beta = 1, DRN-D-22, two domains (19 and 26 classes), per
 domain 2 labeled + 2 unlabeled 256x512 images, random label embeddings. Inputs
 are random and placed on the devices (batch-sharded) before timing, so this is
@@ -20,7 +20,6 @@ and on what else runs on it (the load average is printed).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -39,9 +38,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from configs import common as config_common  # noqa: E402
 from usss_jax import config as config_lib  # noqa: E402
-from usss_jax import convert, sharding, train_step  # noqa: E402
+from usss_jax import convert, modes, objectives, sharding, train_step  # noqa: E402
+from usss_jax import state as state_lib  # noqa: E402
 from usss_jax.label_embeddings import store  # noqa: E402
 from usss_jax.models import drn  # noqa: E402
 
@@ -59,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--labeled", type=int, default=2, help="labeled images per domain")
   parser.add_argument("--unlabeled", type=int, default=2, help="unlabeled images per domain")
-  parser.add_argument("--method", default="full", choices=config_lib.METHODS)
+  parser.add_argument("--method", default="full", choices=list(objectives.METHODS))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--conv-weight-grad", default="auto", choices=("auto", "xla", "taps"),
                       help="how convolutions compute kernel gradients (usss_jax.models.layers)")
@@ -96,13 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args):
-  config = config_common.base_config()
+  config = config_lib.base_config()
   config.method = args.method
   config.alpha = config.beta = 1.0
   names = tuple(f"domain{i}" for i in range(len(args.classes)))
   config.domain_names = names
   for name in names:
-    config.domains[name] = config_common.domain("folder", "/nonexistent",
+    config.domains[name] = config_lib.domain("folder", "/nonexistent",
                                                 crop=(args.height, args.width))
   config.encoder = args.encoder
   config.encoder_channels = tuple(args.encoder_channels)
@@ -127,6 +126,12 @@ def random_batch(args, names, spec, placement, seed: int = 0) -> dict:
     if spec.uses_unlabeled and args.unlabeled > 0:
       batch[name]["unlabeled"] = {
           "image": rng.standard_normal((args.unlabeled, *hw, 3), np.float32)}
+      if spec.uses_strong_views:  # the strong view, its CutMix box, no crop padding
+        box = np.zeros((args.unlabeled, *hw), bool)
+        box[:, hw[0] // 4:hw[0] // 2, hw[1] // 4:hw[1] // 2] = True
+        batch[name]["unlabeled"].update(
+            strong=rng.standard_normal((args.unlabeled, *hw, 3), np.float32),
+            cutmix_mask=box, valid=np.ones((args.unlabeled, *hw), bool))
   return jax.device_put(batch, placement)
 
 
@@ -185,11 +190,10 @@ def compare_losses(jax_metrics: dict, torch_result: dict) -> dict:
 def run(args) -> dict:
   info = common.machine_info()
   config = make_config(args)
-  config_lib.validate_config(config)
+  spec = modes.check_config(config)
   names = tuple(config.domain_names)
-  spec = config_lib.loss_spec_from_config(config)
-  model = train_step.make_model(config, args.classes)
-  tx, _ = train_step.make_optimizer(config)
+  model = state_lib.make_model(config, args.classes)
+  tx, _ = state_lib.make_optimizer(config)
   mesh = sharding.make_mesh(args.devices)
   replicated = NamedSharding(mesh, P())
 
@@ -197,10 +201,8 @@ def run(args) -> dict:
       store.random_embeddings(c, int(config.embeddings_per_class), args.embedding_dim,
                                         config.seed + i) for i, c in enumerate(args.classes))
   start = time.perf_counter()
-  init_fn = functools.partial(train_step.init_state, model, tx, input_hw=(args.height, args.width),
-                              label_embeddings=label_embeddings)
-  state = jax.block_until_ready(
-      jax.jit(init_fn, out_shardings=replicated)(train_step.init_rng(config.seed)))
+  state = jax.block_until_ready(state_lib.initial_state(
+      config, model, tx, spec, (args.height, args.width), label_embeddings, replicated))
   init_s = time.perf_counter() - start
   num_params = common.tree_nbytes(state["params"]) // 4
   batch = random_batch(args, names, spec, NamedSharding(mesh, P("data")))
@@ -250,7 +252,8 @@ def run(args) -> dict:
       "load_average_end": common.load_average(),
       "setup": {
           "encoder": args.encoder, "encoder_channels": list(args.encoder_channels) or None,
-          "method": args.method, "alpha": spec.alpha, "beta": spec.beta,
+          "method": args.method,
+          "terms": {t.name: w for t, w in zip(spec.terms, spec.weights)},
           "classes": list(args.classes), "embedding_dim": args.embedding_dim,
           "height": args.height, "width": args.width, "labeled_per_domain": args.labeled,
           "unlabeled_per_domain": args.unlabeled if spec.uses_unlabeled else 0,
@@ -288,8 +291,9 @@ def run(args) -> dict:
 def table(r: dict) -> str:
   s, m = r["setup"], r["matmul_peak"]
   widths = f" widths {s['encoder_channels']}" if s["encoder_channels"] else ""
-  title = (f"train step: {s['encoder']}{widths}, method {s['method']} (alpha={s['alpha']:g}, "
-           f"beta={s['beta']:g}), domains {s['classes']} classes, per domain "
+  terms = ", ".join(f"{name} x{weight:g}" for name, weight in s["terms"].items())
+  title = (f"train step: {s['encoder']}{widths}, method {s['method']} ({terms}), "
+           f"domains {s['classes']} classes, per domain "
            f"{s['labeled_per_domain']}+{s['unlabeled_per_domain']} images "
            f"{s['height']}x{s['width']}, D={s['embedding_dim']}, {s['dtype']}, "
            f"{s['mesh_devices']}-device mesh, {s['params']:,} params")

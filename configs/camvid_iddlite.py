@@ -8,20 +8,18 @@ evaluate on validation data instead (CamVid val, and 200 IDD-Lite training image
 every run's pools), which is where recipes and hyper-parameters are chosen.
 """
 
-import os
-
-from configs import common
+from usss_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.domain_names = ("camvid", "idd_lite")
-  c.domains.camvid = common.domain("camvid", os.path.join(common.DATA_ROOT, "camvid"),
-                                   crop=(96, 128), resize=(180, 240), eval_resize=(180, 240),
-                                   scale_range=(0.8, 1.2), eval_split="test", list_suffix=".subset")
-  c.domains.idd_lite = common.domain("idd_lite", os.path.join(common.DATA_ROOT, "idd_lite"),
-                                     crop=(96, 128), resize=(114, 160), eval_resize=(114, 160),
-                                     scale_range=(0.8, 1.2), eval_split="val", holdout=200)
+  c.domains.camvid = config_lib.domain("camvid", config_lib.dataset_root("camvid"),
+                                       crop=(96, 128), resize=(180, 240), eval_resize=(180, 240),
+                                       scale_range=(0.8, 1.2), eval_split="test", list_suffix=".subset")
+  c.domains.idd_lite = config_lib.domain("idd_lite", config_lib.dataset_root("idd_lite"),
+                                         crop=(96, 128), resize=(114, 160), eval_resize=(114, 160),
+                                         scale_range=(0.8, 1.2), eval_split="val", holdout=200)
   if arg == "validation":
     c.domains.camvid.eval_split = "val"
     c.domains.idd_lite.eval_split = "holdout"

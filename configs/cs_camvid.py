@@ -3,17 +3,15 @@
 "configs/cs_camvid.py:consistency" trains with the recommended method instead (docs/RESULTS.md).
 """
 
-import os
-
-from configs import common
+from usss_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.domain_names = ("cityscapes", "camvid")
-  c.domains.cityscapes = common.domain("cityscapes", os.path.join(common.DATA_ROOT, "cityscapes"),
-                                       crop=(512, 512), resize=(512, 1024))
-  c.domains.camvid = common.domain("camvid", os.path.join(common.DATA_ROOT, "camvid"),
-                                   crop=(360, 480), eval_split="test")
+  c.domains.cityscapes = config_lib.domain("cityscapes", config_lib.dataset_root("cityscapes"),
+                                           crop=(512, 512), resize=(512, 1024))
+  c.domains.camvid = config_lib.domain("camvid", config_lib.dataset_root("camvid"),
+                                       crop=(360, 480), eval_split="test")
   c.total_steps = 60000
-  return common.paper_variant(c, arg, "configs/cs_camvid.py")
+  return config_lib.paper_variant(c, arg, "configs/cs_camvid.py")

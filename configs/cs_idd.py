@@ -3,17 +3,15 @@
 "configs/cs_idd.py:consistency" trains with the recommended method instead (docs/RESULTS.md).
 """
 
-import os
-
-from configs import common
+from usss_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.domain_names = ("cityscapes", "idd")
-  c.domains.cityscapes = common.domain("cityscapes", os.path.join(common.DATA_ROOT, "cityscapes"),
-                                       crop=(512, 512), resize=(512, 1024))
-  c.domains.idd = common.domain("idd", os.path.join(common.DATA_ROOT, "idd"),
-                                crop=(512, 512), resize=(512, 1024))
+  c.domains.cityscapes = config_lib.domain("cityscapes", config_lib.dataset_root("cityscapes"),
+                                           crop=(512, 512), resize=(512, 1024))
+  c.domains.idd = config_lib.domain("idd", config_lib.dataset_root("idd"),
+                                    crop=(512, 512), resize=(512, 1024))
   c.total_steps = 60000
-  return common.paper_variant(c, arg, "configs/cs_idd.py")
+  return config_lib.paper_variant(c, arg, "configs/cs_idd.py")

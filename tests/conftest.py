@@ -1,4 +1,15 @@
-"""Test setup: 8 fake CPU devices (for sharding tests) and paths to ../shared."""
+"""Test setup: 8 fake CPU devices, paths to ../shared, and what many tests share.
+
+Shared fixtures (built once per test run, also across pytest-xdist workers: the first worker
+builds under a file lock in the run's common temporary folder, the others wait and reuse):
+  demo_root   the embedded demo data, generated once.
+  tiny_run    the tiny universal run the loop, fault and analysis tests compare with
+              (`helpers.TINY_RUN`: 12 steps on the demo data, checkpoints every 2, one
+              evaluation at the end): its workdir (read only: copy it before damaging it),
+              final state and results.
+Markers: `slow` for tests of a minute or more (subprocess soak runs, the notebook, TFDS
+preparation); `pytest -m "not slow"` is the fast subset.
+"""
 
 import os
 import pathlib
@@ -14,10 +25,16 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
 os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402
+from usss_jax import modes  # noqa: E402
+from usss_jax.data import demo  # noqa: E402
 
 # Many tests build the same tiny models and steps; a per-session persistent compilation
 # cache lets identical computations compile once (it keys on the computation, not on
@@ -30,8 +47,7 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("USSS_SHARED", PROJECT_ROOT.parent / "shared"))
+SHARED = pathlib.Path(os.environ.get("USSS_SHARED", helpers.ROOT.parent / "shared"))
 
 
 def _shared_subdir(name: str) -> pathlib.Path:
@@ -53,3 +69,41 @@ def fixtures_dir() -> pathlib.Path:
 def shared_data_dir() -> pathlib.Path:
   """../shared/data (real dataset samples, internal only); skips when absent."""
   return _shared_subdir("data")
+
+
+def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """`<common temp>/<name>`, made by `build(path)` in exactly one worker of this test run."""
+  common = tmp_path_factory.getbasetemp()
+  if _RUN_ID:  # xdist: every worker's basetemp is a child of the run's one folder
+    common = common.parent
+  path = common / name
+  with open(common / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / ".done").exists():
+      path.mkdir(parents=True, exist_ok=True)
+      build(path)
+      (path / ".done").touch()
+  return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+  """The demo data (street + indoor), generated once per test run."""
+  return str(_built_once(tmp_path_factory, "demo_data",
+                         lambda path: demo.ensure_demo_data(str(path))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+  workdir: pathlib.Path  # read only: copy it before changing anything
+  state: dict            # the final train state
+  results: dict          # the final evaluation ({"mean_miou", <domain>: {...}})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, demo_root) -> TinyRun:
+  """The tiny universal run (`helpers.TINY_RUN`), trained once per test run."""
+  config = helpers.tiny_demo_config(demo_root, **helpers.TINY_RUN)
+  workdir = _built_once(tmp_path_factory, "tiny_run",
+                        lambda path: modes.embed_and_train(config, str(path / "run")))
+  return TinyRun(workdir / "run", *helpers.final_state_and_results(config, workdir / "run"))

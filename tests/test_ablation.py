@@ -6,13 +6,12 @@ import os
 import numpy as np
 
 from helpers import tiny_demo_config
-from test_loop import data_root  # noqa: F401  (fixture)
 from usss_jax import ablation
 from usss_jax.label_embeddings import store
 
 
-def test_ablation_single_and_full(data_root, tmp_path):  # noqa: F811
-  config = tiny_demo_config(data_root, total_steps=2, checkpoint_every=2, eval_every=2)
+def test_ablation_single_and_full(demo_root, tmp_path):
+  config = tiny_demo_config(demo_root, total_steps=2, checkpoint_every=2, eval_every=2)
   config.label_embeddings.source = "pretrain"
   out = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
   results = json.load(open(tmp_path / "results.json"))

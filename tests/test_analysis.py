@@ -13,7 +13,8 @@ from PIL import Image
 
 from helpers import TINY
 from usss_jax import checkpoint as ckpt_lib
-from usss_jax import inference, train_step
+from usss_jax import inference, objectives, sharding
+from usss_jax import state as state_lib
 from usss_jax.analysis import __main__ as cli
 from usss_jax.analysis import commands, plots, scores
 from usss_jax.data import demo, registry
@@ -244,10 +245,10 @@ def get_config():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(small_demo, tmp_path_factory):
+def analysis_run(small_demo, tmp_path_factory):
   """A run directory as training leaves it: config file, checkpoint at step 4.
 
-  The state has the tree of `train_step.init_state`, random weights and the label
+  The state has the tree of `state.initial_state`, random weights and the label
   embeddings of source "random"; it is not trained, because compiling a train
   step (or even an init) would dominate the test time. Restoring goes through
   the same state tree and checkpoint layout as for a trained run.
@@ -263,12 +264,14 @@ def tiny_run(small_demo, tmp_path_factory):
   config = module.get_config()
   workdir = str(base / "run")
   domains = build_domains(config, workdir)
-  model = train_step.make_model(config, [d.num_classes for d in domains])
-  tx, _ = train_step.make_optimizer(config)
+  num_classes = [d.num_classes for d in domains]
+  model = state_lib.make_model(config, num_classes)
+  tx, _ = state_lib.make_optimizer(config)
   embs = [store.random_embeddings(d.num_classes, 1, config.embedding_dim, config.seed + i)
           for i, d in enumerate(domains)]
-  state = random_tree(jax.eval_shape(lambda: train_step.init_state(
-      model, tx, jax.random.PRNGKey(0), tuple(config.domains.street.crop), tuple(embs))), seed=3)
+  state = random_tree(state_lib.abstract_state(
+      config, model, tx, objectives.method_spec(config), tuple(config.domains.street.crop),
+      num_classes, sharding.replicated(sharding.single_device_mesh())), seed=3)
   state["label_embeddings"] = tuple(jnp.asarray(e) for e in embs)
   state["step"] = jnp.asarray(4, jnp.int32)
   with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
@@ -276,7 +279,7 @@ def tiny_run(small_demo, tmp_path_factory):
   return str(config_path), workdir, config
 
 
-def run_cli(command, config_path, workdir, *extra):
+def run_analysis(command, config_path, workdir, *extra):
   fv = flags.FlagValues()
   cli.define_flags(fv)
   rest = fv(["analysis", command, f"--config={config_path}", f"--workdir={workdir}", *extra])
@@ -284,14 +287,14 @@ def run_cli(command, config_path, workdir, *extra):
   return cli.run_command(command, fv)
 
 
-def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
-  config_path, workdir, config = tiny_run
+def test_cli_end_to_end(analysis_run, small_demo, tmp_path):
+  config_path, workdir, config = analysis_run
   model, state, domains, step = commands.restore_state(config, workdir)
   assert step == 4
 
   # predict_any: indoor's label space on street images.
   images = os.path.join(small_demo, "street", "images", "val")
-  out = run_cli("predict_any", config_path, workdir, f"--input={images}",
+  out = run_analysis("predict_any", config_path, workdir, f"--input={images}",
                 "--label_space=indoor", f"--output={tmp_path / 'any'}")
   assert out["images"] == 2 and out["label_space"] == "indoor" and out["step"] == 4
   agreement = json.loads((tmp_path / "any" / "agreement.json").read_text())
@@ -303,13 +306,13 @@ def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
   image = np.asarray(Image.open(os.path.join(images, f"{stem}.png")).convert("RGB"))
   x = commands._network_input(image, domains[1], config.normalization)
   embed = jax.jit(lambda v, x: model.apply(v, x, train=False, logits=False, embedding=True))
-  pixel = np.asarray(embed(train_step.model_variables(state), x)["embedding"])
+  pixel = np.asarray(embed(state_lib.model_variables(state), x)["embedding"])
   want = np.argmax(numpy_prototype_scores(pixel, state["label_embeddings"][1], 1), -1)[0]
   assert mask.shape == image.shape[:2]
   assert np.mean(mask == want) > 0.999
 
   # correspondence: street rows, indoor columns.
-  out = run_cli("correspondence", config_path, workdir, "--domain_a=street",
+  out = run_analysis("correspondence", config_path, workdir, "--domain_a=street",
                 "--domain_b=indoor", f"--output={tmp_path / 'corr'}")
   for key in ("similarity_png", "cooccurrence_png"):
     assert_png(out["files"][key])
@@ -328,7 +331,7 @@ def test_cli_end_to_end(tiny_run, small_demo, tmp_path):
 
   # tsne: the run against itself gives two identical panels.
   png = tmp_path / "tsne" / "tsne.png"
-  out = run_cli("tsne", config_path, workdir, f"--output={png}", f"--compare_workdir={workdir}",
+  out = run_analysis("tsne", config_path, workdir, f"--output={png}", f"--compare_workdir={workdir}",
                 "--labels=first,second", "--per_class=8", "--max_pixels_per_image=32")
   assert_png(str(png))
   points = np.load(out["points"])
@@ -345,14 +348,14 @@ def numpy_cosine(a, b):
   return a.astype(np.float64) @ b.T.astype(np.float64)
 
 
-def test_cli_errors_name_the_problem(tiny_run):
-  config_path, workdir, _ = tiny_run
+def test_cli_errors_name_the_problem(analysis_run):
+  config_path, workdir, _ = analysis_run
   with pytest.raises(ValueError, match="--label_space='kitchen'"):
-    run_cli("predict_any", config_path, workdir, f"--input={workdir}", "--label_space=kitchen")
+    run_analysis("predict_any", config_path, workdir, f"--input={workdir}", "--label_space=kitchen")
   with pytest.raises(ValueError, match="--labels names 2 panels"):
-    run_cli("tsne", config_path, workdir, "--labels=a,b")
+    run_analysis("tsne", config_path, workdir, "--labels=a,b")
   with pytest.raises(Exception, match="unknown command"):
-    run_cli("nonsense", config_path, workdir)
+    run_analysis("nonsense", config_path, workdir)
   with pytest.raises(Exception, match="no checkpoint directory"):
-    run_cli("correspondence", config_path, os.path.join(workdir, "missing"),
+    run_analysis("correspondence", config_path, os.path.join(workdir, "missing"),
             "--domain_a=street", "--domain_b=indoor")

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from usss_jax import sharding
 from usss_jax.checkpoint import Checkpointer, CheckpointError
 
 
@@ -168,7 +169,7 @@ def test_best_mode_min_and_disabled(tmp_path):
 def test_restore_onto_mesh_shardings(tmp_path):
   devices = jax.devices()
   assert len(devices) == 8
-  mesh = Mesh(np.array(devices), ("data",))
+  mesh = sharding.make_mesh()
   replicated, by_rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   rng = np.random.default_rng(0)
   host = {"w": rng.normal(size=(16, 4)).astype(np.float32),

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usss_jax import convert
+from helpers import TINY as TINY_CHANNELS, rel_err
+from usss_jax import convert, sharding
 from usss_jax.models import drn as drn_lib
 from usss_jax.models.layers import BatchNorm
 
 TINY = {"drn_tiny_d22": "drn_d_22", "drn_tiny_d54": "drn_d_54"}
 STAGES = [f"layer{k}" for k in range(9)]
-TINY_CHANNELS = (4, 8, 12, 16, 20, 24, 28, 32)
 
 
 @pytest.fixture(autouse=True)
@@ -22,11 +22,6 @@ def full_float32_precision():
   """Parity needs true float32 convs/matmuls (GPUs would otherwise use TF32); no-op on CPU."""
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def rel_err(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def nchw_to_nhwc(a: np.ndarray) -> np.ndarray:
@@ -175,16 +170,14 @@ def test_batchnorm_statistics_are_global_under_sharded_jit():
   devices = jax.devices()
   if len(devices) < 2:
     pytest.skip("needs several (fake) devices")
-  mesh = jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = sharding.make_mesh()
   x = np.random.default_rng(2).normal(size=(len(devices) * 2, 4, 4, 3)).astype(np.float32)
   x[: 2] += 5.0  # make per-device statistics differ from the global ones
   bn = BatchNorm()
   variables = bn.init(jax.random.key(0), x, use_running_average=False)
   step = jax.jit(lambda v, x: bn.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
   y_ref, stats_ref = step(variables, x)
-  x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      "data")))
+  x_sharded = jax.device_put(x, sharding.batch_sharded(mesh))
   y, stats = step(variables, x_sharded)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats["batch_stats"]["var"], stats_ref["batch_stats"]["var"],

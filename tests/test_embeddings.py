@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usss_jax.label_embeddings import ema, kmeans, stage, stats, store
+from helpers import logs_warning
+from usss_jax.label_embeddings import compute_label_embeddings, ema, kmeans, stats, store
 
 
 def _canonical(components):
@@ -195,12 +196,12 @@ def test_class_centroids_missing_class_policies():
   labels = np.array([0, 0, 2, 7])  # class 1 has no pixels; 7 is the ignore label here
   accumulator = stats.StreamingClassCentroids(3, 2).update(z, labels, ignore_label=7)
   assert accumulator.missing_classes == (1,)
-  with pytest.warns(UserWarning, match=r"classes \[1\]"):
+  with logs_warning(r"classes \[1\]"):
     rows = accumulator.centroids(seed=3)
   np.testing.assert_allclose(rows[[0, 2]], [[2.0, 0.0], [0.0, 2.0]])
   # Deterministic, seed-dependent, scaled to the mean centroid norm (2).
   np.testing.assert_allclose(np.linalg.norm(rows[1]), 2.0)
-  with pytest.warns(UserWarning):
+  with logs_warning():
     np.testing.assert_array_equal(accumulator.centroids(seed=3), rows)
     assert not np.allclose(accumulator.centroids(seed=4)[1], rows[1])
     np.testing.assert_array_equal(accumulator.centroids(missing="zeros")[1], [0.0, 0.0])
@@ -281,7 +282,7 @@ def test_kmeans_fewer_distinct_rows_than_k_duplicates():
   np.testing.assert_array_equal(kmeans.kmeans(x, 5),
                                 [[0, 2], [1, 1], [0, 2], [1, 1], [0, 2]])
   accumulator = kmeans.StreamingClassKMeans(2, 2, 3, seed=0).update(x, np.zeros(5, np.int32))
-  with pytest.warns(UserWarning, match=r"classes \[1\]"):
+  with logs_warning(r"classes \[1\]"):
     rows = accumulator.centroids()
   np.testing.assert_array_equal(rows[:3], [[0, 2], [1, 1], [0, 2]])
   assert accumulator.missing_classes == (1,)
@@ -343,7 +344,7 @@ def _make_domain(seed=10, num_classes=4, images=6, pixels=120, features=8, missi
 
 def test_compute_label_embeddings_k1_matches_numpy():
   batches = _make_domain()
-  result = stage.compute_label_embeddings(lambda: iter(batches), num_classes=4, dim=3)
+  result = compute_label_embeddings(lambda: iter(batches), num_classes=4, dim=3)
   x = np.concatenate([f for f, _ in batches]).astype(np.float64)
   y = np.concatenate([l for _, l in batches])
   x, y = x[y != 255], y[y != 255]
@@ -366,8 +367,8 @@ def test_compute_label_embeddings_k1_matches_numpy():
 
 def test_compute_label_embeddings_k2_matches_kmeans_reference_and_accepts_jax():
   batches = [(jnp.asarray(f), jnp.asarray(l)) for f, l in _make_domain(seed=11, missing=(2,))]
-  with pytest.warns(UserWarning, match=r"classes \[2\]"):
-    result = stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=3, k=2, seed=7)
+  with logs_warning(r"classes \[2\]"):
+    result = compute_label_embeddings(lambda: batches, num_classes=4, dim=3, k=2, seed=7)
   x = np.concatenate([np.asarray(f) for f, _ in batches]).astype(np.float64)
   y = np.concatenate([np.asarray(l) for _, l in batches])
   x, y = x[y != 255], y[y != 255]
@@ -384,17 +385,17 @@ def test_compute_label_embeddings_k2_matches_kmeans_reference_and_accepts_jax():
 def test_compute_label_embeddings_input_errors():
   batches = _make_domain(images=2)
   with pytest.raises(TypeError, match="zero-argument callable"):
-    stage.compute_label_embeddings(batches, num_classes=4, dim=3)
+    compute_label_embeddings(batches, num_classes=4, dim=3)
   generator = iter(batches)
   with pytest.raises(ValueError, match="second call of batches_fn yielded no labeled pixels"):
-    stage.compute_label_embeddings(lambda: generator, num_classes=4, dim=3)
+    compute_label_embeddings(lambda: generator, num_classes=4, dim=3)
   with pytest.raises(ValueError, match=r"PCA dim must be in \[1, 8\]"):
-    stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=9)
+    compute_label_embeddings(lambda: batches, num_classes=4, dim=9)
   with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
-    stage.compute_label_embeddings(lambda: batches, num_classes=3, dim=2)
+    compute_label_embeddings(lambda: batches, num_classes=3, dim=2)
   all_ignored = [(f, np.full_like(l, 255)) for f, l in batches]
   with pytest.raises(ValueError, match="at least 2 labeled pixels"):
-    stage.compute_label_embeddings(lambda: all_ignored, num_classes=4, dim=2)
+    compute_label_embeddings(lambda: all_ignored, num_classes=4, dim=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,8 +404,8 @@ def test_compute_label_embeddings_input_errors():
 
 def test_save_load_round_trip_is_atomic(tmp_path):
   batches = _make_domain(seed=12, images=2, missing=(1,))
-  with pytest.warns(UserWarning):
-    result = stage.compute_label_embeddings(lambda: batches, num_classes=4, dim=3)
+  with logs_warning():
+    result = compute_label_embeddings(lambda: batches, num_classes=4, dim=3)
   path = tmp_path / "sub" / "cs_label_embeddings.npz"
   result.save(path)
   result.save(path)  # overwrite in place

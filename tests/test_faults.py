@@ -19,18 +19,14 @@ import sys
 import time
 
 import grain
-import jax
-import numpy as np
 import pytest
 
-from helpers import tiny_demo_config
-from usss_jax import metric_writers, runtime, train, workdir as workdir_lib
-from usss_jax.data import demo, pipeline
+from helpers import (ROOT, TINY_RUN, assert_same_params, child_env as make_child_env,
+                     error_lines, run_cli, tiny_demo_config)
+from usss_jax import metric_writers, modes, train, workdir as workdir_lib
+from usss_jax.data import pipeline
 from usss_jax.domains import build_domains
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The shared run: 12 steps, checkpoints every 2 (newest two kept), one evaluation at the end.
-RUN = dict(total_steps=12, eval_every=12)
 _CONFIG_FILE = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -42,46 +38,19 @@ def get_config():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("demo")
-  demo.ensure_demo_data(str(root))
-  return str(root)
-
-
-@pytest.fixture(scope="module")
 def child_env():
-  # Child processes share the session's compilation cache (and conftest's 8 CPU devices).
-  return dict(os.environ, PYTHONUNBUFFERED="1",
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return make_child_env()
 
 
 def _config_file(directory: pathlib.Path, data_root: str, **overrides) -> str:
   path = directory / "tiny_config.py"
   path.write_text(_CONFIG_FILE.format(tests=str(ROOT / "tests"), data=data_root,
-                                      overrides={**RUN, **overrides}))
+                                      overrides={**TINY_RUN, **overrides}))
   return str(path)
 
 
-def _params(state):
-  return jax.tree.map(np.asarray, (state["params"], state["batch_stats"], state["opt_state"]))
-
-
-def _assert_same_params(state_a, state_b):
-  jax.tree.map(np.testing.assert_array_equal, _params(state_a), _params(state_b))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_root, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  state, _, _ = runtime.embed_and_train(tiny_demo_config(data_root, **RUN), str(workdir))
-  return workdir, state
-
-
 def _launch(*args, env, timeout=240):
-  return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return run_cli(*args, env=env, timeout=timeout)
 
 
 def _start(config_file, workdir, log_path, env):
@@ -105,10 +74,6 @@ def _wait_for_step(child, workdir: pathlib.Path, step: int, offset: int, log_pat
   raise AssertionError(f"no step {step} logged; stderr:\n{open(log_path).read()[-3000:]}")
 
 
-def _error_lines(stderr: str) -> list[str]:
-  return [line for line in stderr.splitlines() if line.strip()]
-
-
 def _steps(directory: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
@@ -128,7 +93,7 @@ def test_user_errors_are_one_line_exit_2_and_create_nothing(tmp_path, child_env)
   }
   for flag, expected in cases.items():
     out = _launch(*demo_flags, f"--workdir={workdir}", flag, env=child_env)
-    lines = _error_lines(out.stderr)
+    lines = error_lines(out.stderr)
     assert out.returncode == 2, out.stderr[-2000:]
     assert lines[0].startswith("error: ") and expected in lines[0], out.stderr
     assert len(lines) <= 2 and "Traceback" not in out.stderr, out.stderr
@@ -141,7 +106,7 @@ def test_user_errors_are_one_line_exit_2_and_create_nothing(tmp_path, child_env)
                 "--config.domains.street.root=" + str(tmp_path / "nowhere" / "street"),
                 env=child_env)
   assert out.returncode == 2 and "Traceback" in out.stderr
-  assert any(line.startswith("error: domain 'street'") for line in _error_lines(out.stderr))
+  assert any(line.startswith("error: domain 'street'") for line in error_lines(out.stderr))
   assert list(workdir.iterdir()) == []
 
 
@@ -164,14 +129,14 @@ def _garble_metadata(step_dir: pathlib.Path) -> None:
 
 @pytest.mark.parametrize("damage", [_truncate_data_files, _garble_metadata])
 def test_unreadable_newest_checkpoint_is_set_aside_and_resume_falls_back(
-    uninterrupted, data_root, tmp_path, caplog, damage):
-  reference_dir, reference = uninterrupted
+    tiny_run, demo_root, tmp_path, caplog, damage):
+  reference_dir, reference = tiny_run.workdir, tiny_run.state
   workdir = tmp_path / "run"
   shutil.copytree(reference_dir, workdir)
   assert _steps(workdir / "checkpoints") == [10, 12]
   damage(workdir / "checkpoints" / "12")
   with caplog.at_level(logging.INFO, logger="usss_jax"):
-    state, _, _ = runtime.embed_and_train(tiny_demo_config(data_root, **RUN), str(workdir))
+    state, _, _ = modes.embed_and_train(tiny_demo_config(demo_root, **TINY_RUN), str(workdir))
   skipped = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in r.getMessage()]
   assert len(skipped) == 1 and "\n" not in skipped[0], skipped
   assert f"{workdir}/checkpoints/12" in skipped[0] and "unreadable/12" in skipped[0]
@@ -182,7 +147,7 @@ def test_unreadable_newest_checkpoint_is_set_aside_and_resume_falls_back(
   # The damaged checkpoint is kept aside; step 12 was trained again and saved in its place.
   assert (workdir / "checkpoints" / "unreadable" / "12" / "state").is_dir()
   assert _steps(workdir / "checkpoints") == [10, 12]
-  _assert_same_params(reference, state)
+  assert_same_params(reference, state)
 
 
 # 3. Stop signals (SIGTERM in a real process: the soak test at the end).
@@ -208,7 +173,7 @@ def test_workdir_in_use_is_refused_naming_the_pid(tmp_path, child_env):
     lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
     out = _launch(f"--config={_config_file(tmp_path, '/unused')}", f"--workdir={workdir}",
                   env=child_env)
-    lines = _error_lines(out.stderr)
+    lines = error_lines(out.stderr)
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
     assert f"in use by process {holder.pid}" in lines[0]
     assert json.loads(lock.read_text())["pid"] == holder.pid  # the holder's lock is untouched
@@ -251,11 +216,11 @@ def _unlabeled_image_first_met_at(config, workdir: str, name: str, step: int):
 
 
 @pytest.fixture
-def damaged_data(data_root, tmp_path):
+def damaged_data(demo_root, tmp_path):
   """A copy of the demo data whose street unlabeled image met first at step 5 is truncated."""
   root = tmp_path / "data"
-  shutil.copytree(data_root, root)
-  config = tiny_demo_config(str(root), **RUN)
+  shutil.copytree(demo_root, root)
+  config = tiny_demo_config(str(root), **TINY_RUN)
   splits_dir = tmp_path / "splits_probe"
   bad = _unlabeled_image_first_met_at(config, str(splits_dir), "street", 5)
   data = pathlib.Path(bad.image_path).read_bytes()
@@ -269,7 +234,7 @@ def test_bad_image_fails_naming_it_then_skip_bad_images_resumes_counting_it(
   workdir = tmp_path / "run"
   out = _launch(f"--config={_config_file(tmp_path, root)}", f"--workdir={workdir}",
                 env=child_env)
-  lines = _error_lines(out.stderr)
+  lines = error_lines(out.stderr)
   errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
   assert out.returncode == 2 and errors, out.stderr[-3000:]
   first = lines[errors[0]]
@@ -278,9 +243,9 @@ def test_bad_image_fails_naming_it_then_skip_bad_images_resumes_counting_it(
   assert lines[errors[0] + 1:] and "skip_bad_images" in lines[errors[0] + 1]
   assert _steps(workdir / "checkpoints") == [2, 4]  # every checkpoint is kept
   # The same run with skip_bad_images resumes at step 4, replaces the image and counts it.
-  config = tiny_demo_config(root, skip_bad_images=True, **RUN)
+  config = tiny_demo_config(root, skip_bad_images=True, **TINY_RUN)
   with caplog.at_level(logging.WARNING, logger="usss_jax"):
-    runtime.embed_and_train(config, str(workdir))
+    modes.embed_and_train(config, str(workdir))
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   skipped = {r["step"]: r["bad_images_skipped"] for r in records
              if r.get("kind") == "train" and "bad_images_skipped" in r}
@@ -292,11 +257,11 @@ def test_bad_image_fails_naming_it_then_skip_bad_images_resumes_counting_it(
 
 # 6. Non-finite losses.
 
-def test_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
-  config = tiny_demo_config(data_root, learning_rate=1e12, total_steps=4, checkpoint_every=1,
+def test_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(demo_root, tmp_path):
+  config = tiny_demo_config(demo_root, learning_rate=1e12, total_steps=4, checkpoint_every=1,
                             method="basic")
   with pytest.raises(metric_writers.NonFiniteLossError) as failure:
-    train.run_training(config, str(tmp_path))
+    train.run_training(config, str(tmp_path), build_domains(config, str(tmp_path)))
   error = failure.value
   assert error.name != "loss" and error.name.split("/")[0] in ("supervised", "cross", "within")
   steps = _steps(tmp_path / "checkpoints")
@@ -307,16 +272,16 @@ def test_nan_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(data_ro
 # The soak test (and SIGTERM).
 
 def test_soak_kills_at_random_steps_and_resumes_to_identical_parameters(
-    uninterrupted, data_root, tmp_path, child_env, caplog):
+    tiny_run, demo_root, tmp_path, child_env, caplog):
   """SIGKILL, SIGTERM, SIGKILL at random steps; the SIGTERM saves its step and exits 0."""
-  _, reference = uninterrupted
+  reference = tiny_run.state
   seed = int(os.environ.get("USSS_SOAK_SEED", time.time_ns() % 10**6))
   # Up to step 9, so that the stop after a SIGTERM lands before the last step.
   kill_steps = sorted(random.Random(seed).sample(range(2, 10), 3))
   signals = (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)
   print(f"soak seed {seed}: signals after steps {kill_steps}")
   workdir, log_path = tmp_path / "run", tmp_path / "stderr.txt"
-  config_file = _config_file(tmp_path, data_root)
+  config_file = _config_file(tmp_path, demo_root)
   metrics = workdir / "metrics.jsonl"
   for kill_step, sig in zip(kill_steps, signals):
     offset = metrics.stat().st_size if metrics.exists() else 0
@@ -335,7 +300,7 @@ def test_soak_kills_at_random_steps_and_resumes_to_identical_parameters(
     assert kill_step <= step < 12 and step in _steps(workdir / "checkpoints")
     assert not (workdir / workdir_lib.LOCK_FILE).exists()
   with caplog.at_level(logging.WARNING, logger="usss_jax"):
-    state, _, _ = runtime.embed_and_train(tiny_demo_config(data_root, **RUN), str(workdir))
+    state, _, _ = modes.embed_and_train(tiny_demo_config(demo_root, **TINY_RUN), str(workdir))
   assert any("taking over the stale lock" in r.getMessage() for r in caplog.records)
   assert int(state["step"]) == 12
-  _assert_same_params(reference, state)
+  assert_same_params(reference, state)

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from usss_jax import metrics
+from usss_jax import metrics, sharding
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_confusion_matrix_vs_numpy_and_jit():
 
 
 def test_confusion_matrix_on_sharded_batch():
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  mesh = sharding.make_mesh()
   n = len(jax.devices())
   rng = np.random.default_rng(1)
   label = rng.integers(0, 5, size=(n, 6, 6))

@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import TINY, tiny_synthetic_config
+from helpers import TINY, build_train_step, tiny_synthetic_config
 from usss_jax import config as config_lib
-from usss_jax import convert, losses, sharding, train_step
+from usss_jax import convert, losses, modes, objectives, sharding, train_step
+from usss_jax import state as state_lib
 from usss_jax.models import drn
 
 NAMES = ("a", "b")
@@ -37,13 +38,7 @@ def make_batch(seed=0, b=8):
 
 
 def build(config, seed=0):
-  model = train_step.make_model(config, CLASSES)
-  tx, _ = train_step.make_optimizer(config)
-  spec = config_lib.loss_spec_from_config(config)
-  rng = np.random.default_rng(42)
-  embs = [rng.normal(size=(c, config.embedding_dim)).astype(np.float32) for c in CLASSES]
-  state = train_step.init_state(model, tx, train_step.init_rng(seed), HW, embs)
-  step = train_step.make_train_step(model, tx, spec, NAMES)
+  model, _, state, step = build_train_step(config, CLASSES, HW, seed=seed)
   return model, state, step
 
 
@@ -51,7 +46,7 @@ def copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(np.asarray(x)), tree)
 
 
-@pytest.mark.parametrize("method", config_lib.METHODS)
+@pytest.mark.parametrize("method", list(objectives.METHODS))
 def test_loss_composition(method):
   config = tiny_config(method, alpha=2.0, beta=3.0, ser_weight=0.5)
   model, state, step = build(config)
@@ -182,7 +177,7 @@ def test_bad_config_values(key, value, match):
   config = tiny_config("single" if key == "single_domain" else "full")
   config[key] = value
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate_config(config)
+    modes.check_config(config)
 
 
 def test_unknown_config_key_is_an_error():
@@ -194,7 +189,7 @@ def test_unknown_config_key_is_an_error():
 
 def test_poly_schedule_matches_optax_and_stays_finite_past_the_end():
   import optax
-  ours = jax.jit(train_step.poly_schedule(0.01, 0.9, 100))
+  ours = jax.jit(state_lib.poly_schedule(0.01, 0.9, 100))
   ref = optax.polynomial_schedule(0.01, 0.0, 0.9, 100)
   for t in (0, 1, 37, 99):
     np.testing.assert_allclose(ours(t), ref(t), rtol=1e-5)
@@ -213,7 +208,7 @@ def test_pretrained_encoder_weights_are_loaded(tmp_path):
   path = tmp_path / "drn_tiny.npz"
   np.savez(path, **torch_sd)
   config.pretrained = str(path)
-  loaded = train_step.load_pretrained_encoder(config, model, state)
+  loaded = state_lib.load_pretrained_encoder(config, state)
   np.testing.assert_array_equal(loaded["params"]["encoder"]["layer0"]["0"]["kernel"],
                                 source["params"]["layer0"]["0"]["kernel"])
   np.testing.assert_array_equal(loaded["batch_stats"]["encoder"]["layer8"]["1"]["var"],

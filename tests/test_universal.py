@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import TINY as TINY_CHANNELS, rel_err
 from usss_jax.models.layers import (BilinearUpsample, bilinear_upsample_kernel,
                                     bilinear_upsample_matrix, transposed_conv_upsample)
 from usss_jax.models.universal import UniversalSegmenter
 
-TINY_CHANNELS = (4, 8, 12, 16, 20, 24, 28, 32)
 
 
 @pytest.fixture(autouse=True)
@@ -17,11 +17,6 @@ def full_float32_precision():
   """Parity needs true float32 convs/matmuls (GPUs would otherwise use TF32); no-op on CPU."""
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def rel_err(got, ref) -> float:
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-  return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

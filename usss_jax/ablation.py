@@ -38,13 +38,17 @@ import numpy as np
 from ml_collections import config_flags
 from scipy import stats
 
-from usss_jax import config as config_lib
-from usss_jax import cli, files, metric_writers, runtime, train_step, workdir as workdir_lib
+from usss_jax import cli, evaluate, files, label_embedding_stage, metric_writers, modes, objectives
+from usss_jax import state as state_lib
+from usss_jax import workdir as workdir_lib
 from usss_jax.analysis import plots
 from usss_jax.data import registry
-from usss_jax.label_embeddings import stage
 
-METHOD_ORDER = config_lib.METHODS
+METHOD_ORDER = tuple(objectives.METHODS)
+
+
+def uses_label_embeddings(method: str) -> bool:
+  return any(term.label_embeddings for term in objectives.METHODS[method])
 
 
 def _run_config(config, method: str, seed: int, **overrides) -> ml_collections.ConfigDict:
@@ -71,11 +75,11 @@ def _train(config, workdir: str) -> dict:
   if cached is not None:
     return cached
   start = time.time()
-  _, results, domains = runtime.embed_and_train(config, workdir)
+  _, results, domains = modes.embed_and_train(config, workdir)
+  report = evaluate.summary(results, [d.name for d in domains])
   summary = {
-      "mean_miou": results["mean_miou"],
-      "domains": {d.name: {"miou": results[d.name]["miou"], "iou": results[d.name]["iou"]}
-                  for d in domains if d.name in results},
+      "mean_miou": report.pop("mean_miou"),
+      "domains": report,
       "wall_seconds": time.time() - start,
       "steps": int(config.total_steps),
   }
@@ -87,9 +91,10 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
   """Label embeddings of `source` from the encoder of its single-source run."""
   if os.path.exists(out_path):
     return
-  model, state, domains, _ = runtime.restore_state(config, workdir, which="latest")
+  model, state, domains, _ = modes.restore_with_domains(config, workdir, which="latest")
   dom = next(d for d in domains if d.name == source)
-  computed = stage.compute_for_domain(config, model, train_step.model_variables(state), dom)
+  computed = label_embedding_stage.compute_for_domain(config, model,
+                                                      state_lib.model_variables(state), dom)
   computed.source = f"single-source run {workdir}"
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   computed.save(out_path)
@@ -115,7 +120,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
     dc = config.domains[name]
     details["classes"][name] = list(registry.get_reader(
         dc.dataset, dc.root, **dc.options.to_dict()).spec.classes)
-  needs_embeddings = any(m in config_lib.LABEL_EMBEDDING_METHODS for m in methods)
+  needs_embeddings = any(uses_label_embeddings(m) for m in methods)
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed{seed}")
     emb_dir = os.path.join(seed_dir, "label_embeddings")
@@ -136,9 +141,8 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
         continue
       run_dir = os.path.join(seed_dir, method)
       cfg = _run_config(config, method, seed)
-      if (method in config_lib.LABEL_EMBEDDING_METHODS and
-          config.label_embeddings.source == "pretrain"):
-        target = stage.embeddings_dir(run_dir)
+      if uses_label_embeddings(method) and config.label_embeddings.source == "pretrain":
+        target = label_embedding_stage.embeddings_dir(run_dir)
         os.makedirs(target, exist_ok=True)
         for name in names:
           dst = os.path.join(target, f"{name}.npz")
@@ -246,9 +250,11 @@ def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str
     plots.plot_unsupervised_terms(curves, os.path.join(workdir, "unsupervised_terms.png"))
 
 
-# Logged per domain by the step (train_step.make_train_step): what shows a collapse.
-UNSUPERVISED_TERMS = ("within_entropy", "cross_entropy", "diversity", "confident_fraction",
+# Logged per domain by the terms (usss_jax.objectives): what shows a collapse.
+UNSUPERVISED_TERMS = ("within_entropy", "cross_domain_entropy", "diversity", "confident_fraction",
                       "consistency", "embedding_norm")
+# Metric names of earlier releases, read from older runs' metrics.jsonl.
+_OLD_NAMES = {"cross_domain_entropy": "cross_entropy"}
 
 
 def unsupervised_curves(workdir: str) -> dict:
@@ -264,9 +270,12 @@ def unsupervised_curves(workdir: str) -> dict:
         continue
       records = [r for r in metric_writers.read_records(path) if r.get("kind") == "train"]
       for term in UNSUPERVISED_TERMS:
+        prefix = term + "/"
+        if not any(k.startswith(prefix) for r in records for k in r) and term in _OLD_NAMES:
+          prefix = _OLD_NAMES[term] + "/"
         points = [(r["step"], np.mean([v for k, v in r.items()
-                                       if k.startswith(term + "/") and v is not None]))
-                  for r in records if any(k.startswith(term + "/") for k in r)]
+                                       if k.startswith(prefix) and v is not None]))
+                  for r in records if any(k.startswith(prefix) for k in r)]
         if points:
           by_method.setdefault(method, {}).setdefault(term, []).append(dict(points))
   curves = {}

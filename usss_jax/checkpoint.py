@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from usss_jax import files
+
 PyTree = Any
 
 log = logging.getLogger("usss_jax")
@@ -67,29 +69,6 @@ class UnreadableCheckpointError(CheckpointError):
       first_line = first_line[:_MAX_REASON_CHARS] + " ..."
     self.reason = f"{type(error).__name__}: {first_line}"
     super().__init__(f"{where}: unreadable checkpoint ({self.reason})")
-
-
-def _to_json(value: Any, path: str = "extra") -> Any:
-  """Converts `value` to plain JSON types; raises TypeError naming the bad entry.
-
-  NumPy / JAX scalars and arrays become Python numbers / (nested) lists, tuples
-  become lists; dict keys must be strings so that a round trip is exact.
-  """
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  if isinstance(value, Mapping):
-    out = {}
-    for key, item in value.items():
-      if not isinstance(key, str):
-        raise TypeError(f"{path}: dict key {key!r} is {type(key).__name__}, "
-                        "JSON needs str keys")
-      out[key] = _to_json(item, f"{path}/{key}")
-    return out
-  if isinstance(value, (list, tuple)):
-    return [_to_json(item, f"{path}/{i}") for i, item in enumerate(value)]
-  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-    return np.asarray(value).tolist()
-  raise TypeError(f"{path}: {type(value).__name__} is not JSON-serialisable")
 
 
 def _keypath_str(key: tuple) -> str:
@@ -277,7 +256,7 @@ class Checkpointer:
     if not isinstance(extra, Mapping):
       raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
     return ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardSave(state),
-                                 _EXTRA_ITEM: ocp.args.JsonSave(_to_json(extra))})
+                                 _EXTRA_ITEM: ocp.args.JsonSave(files.to_json(extra, "extra"))})
 
   def save(self, step: int, state: PyTree, *, extra: Mapping, force: bool = False) -> bool:
     """Saves `state` and `extra` as checkpoint `step`, dropping the oldest beyond max_to_keep.

@@ -1,82 +1,209 @@
-"""What an experiment config means: the methods, the resolved loss spec, validation.
+"""What an experiment config is: the defaults every config starts from, and checks of its values.
 
-A config is an `ml_collections.ConfigDict` from a `configs/*.py` file (`get_config()`).
-`validate_config` checks every value the code would otherwise trip over later, naming the key;
-`loss_spec_from_config` resolves the method and its weights into the static `LossSpec` that the
-train step is built from. The choices of each key live next to the code that uses them.
+An experiment is a file `configs/<name>.py` whose `get_config()` returns an
+`ml_collections.ConfigDict` built on `base_config()` (the paper's recipe) with one `domain()`
+entry per dataset. `validate_config` checks the values this module owns (domains, batch sizes,
+lengths, the optimiser); each later stage checks the keys it reads when it is set up
+(`objectives.method_spec`: the method and its terms; `state.make_model`: the model), and
+`usss_jax.modes.check_config` runs them all before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import jax
 import ml_collections
 
-from usss_jax import label_embeddings, losses, metrics
-from usss_jax.data import strong_augment, transforms
-from usss_jax.models import layers, universal
+from usss_jax.data import strong_augment
 
-# single: one domain's labels train the encoder, the other heads learn on it frozen.
-# basic: joint supervised training. cross / full: + the label-embedding terms on unlabeled
-# images (alpha: cross-domain; alpha and beta: cross- and within-domain; see `alignment`).
-# ser: + the softmax entropy of each head's output on unlabeled images.
-# consistency: basic + weak-to-strong consistency per domain (FixMatch / UniMatch).
-# universal: consistency + the terms of full.
-METHODS = ("single", "basic", "cross", "full", "ser", "consistency", "universal")
-LABEL_EMBEDDING_METHODS = ("cross", "full", "universal")
-# How the label-embedding terms score pixels: "reference" = the paper's code (dot product of
-# the unnormalised pixel embedding with unit prototypes, entropy minimisation; collapses by
-# growing the embedding), "infomax" = cosine / temperature and E[H(p)] - H(E[p]).
-ALIGNMENTS = ("reference", "infomax")
-TEACHERS = ("student", "ema")  # who labels the weak view: the model itself, or its EMA
+# config.<key> values that are global batch sizes per domain (split over the devices).
 BATCH_KEYS = ("labeled_batch", "unlabeled_batch", "eval_batch")
+DATA_ROOT_ENV = "USSS_DATA_ROOT"
+# A checkout keeps internal data samples beside the project (../shared/data).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_CHECKOUT_DATA = os.path.normpath(os.path.join(_PACKAGE, "..", "..", "shared", "data"))
 
 
 class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
+  """A config value that cannot work; the message names the key and what to do."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-  """What the step computes, resolved from the config (static under jit)."""
-  method: str
-  alpha: float
-  beta: float
-  ser_weight: float
-  trained_domains: tuple[bool, ...]  # False: head trained on the frozen encoder ("single")
-  temperature: float = 1.0
-  normalize_pixels: bool = False
-  embeddings_per_class: int = 1
-  prototype_reduction: str = "none"
-  ema_theta: float = 0.0
-  alignment: str = "reference"
-  alignment_threshold: float = 0.0   # infomax: pixels below this confidence leave E[H(p)]
-  prototype_weight: float = 0.0      # supervised prototype cross entropy on labeled pixels
-  consistency_weight: float = 0.0    # > 0: weak-to-strong consistency
-  consistency_threshold: float = 0.95
-  teacher: str = "student"
-  teacher_decay: float = 0.99
-
-  @property
-  def uses_label_embeddings(self) -> bool:
-    return self.method in LABEL_EMBEDDING_METHODS
-
-  @property
-  def uses_consistency(self) -> bool:
-    return self.consistency_weight > 0
-
-  @property
-  def uses_unlabeled(self) -> bool:
-    return (self.method == "ser" or self.uses_consistency or
-            (self.uses_label_embeddings and (self.alpha != 0 or self.beta != 0)))
-
-  @property
-  def uses_teacher_state(self) -> bool:
-    return self.uses_consistency and self.teacher == "ema"
+def data_root() -> str:
+  """Folder holding the datasets: $USSS_DATA_ROOT, else a checkout's ../shared/data, else ""."""
+  if os.environ.get(DATA_ROOT_ENV):
+    return os.path.expanduser(os.environ[DATA_ROOT_ENV])
+  return _CHECKOUT_DATA if os.path.isdir(_CHECKOUT_DATA) else ""
 
 
-def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+def dataset_root(name: str) -> str:
+  """`<data_root()>/<name>`, or "" when no data root is known (an error when the run starts)."""
+  root = data_root()
+  return os.path.join(root, name) if root else ""
+
+
+def config_dirs() -> list[str]:
+  """Where experiment configs are found by name: a checkout's configs/, then the installed
+  ones (pyproject.toml installs configs/ as the package data `usss_jax/configs/`)."""
+  return [os.path.join(os.path.dirname(_PACKAGE), "configs"), os.path.join(_PACKAGE, "configs")]
+
+
+def find_config_file(name: str) -> str | None:
+  """The file of config `name` ("demo", "demo.py" or "configs/demo.py") in `config_dirs()`."""
+  base = os.path.basename(name)
+  base = base if base.endswith(".py") else base + ".py"
+  return next((path for path in (os.path.join(d, base) for d in config_dirs())
+               if os.path.isfile(path)), None)
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file path or an installed config's name (e.g. "demo")."""
+  path = name if os.path.isfile(name) else find_config_file(name)
+  if path is None:
+    known = sorted({f[:-3] for d in config_dirs() if os.path.isdir(d) for f in os.listdir(d)
+                    if f.endswith(".py") and not f.startswith("_")})
+    raise ConfigError(f"{name}: no such config file or installed config (known: {known})")
+  spec = importlib.util.spec_from_file_location(f"usss_config_{os.path.basename(path)[:-3]}",
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def domain(dataset: str, root: str, *, crop, train_split="train", eval_split="val",
+           resize=(), eval_resize=(), scale_range=(1.0, 1.0), flip=True, generate_demo=False,
+           holdout=0, **options) -> ml_collections.ConfigDict:
+  """One domain: which reader, where its data lives and how its crops are made.
+
+  Args:
+    dataset: reader name (usss_jax.data.READERS).
+    root: dataset root in its official layout ("" = unset: the run stops with a hint).
+    crop: (h, w) training crop.
+    resize: (h, w) every training image is resized to first; () = keep.
+    eval_resize: (h, w) the network sees at evaluation; logits are resized back, so
+      the metric is always at label resolution; () = full resolution.
+    generate_demo: write the embedded demo data to `root`'s parent on first use.
+    holdout: training images set aside (fixed seed, the same for every run) as validation
+      data; they leave the labeled/unlabeled pools, and eval_split="holdout" evaluates on them.
+    **options: passed to the reader (e.g. CamVid's `list_suffix`).
+  """
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset, root=root, train_split=train_split, eval_split=eval_split,
+      crop=tuple(crop), resize=tuple(resize), eval_resize=tuple(eval_resize),
+      scale_range=tuple(scale_range), flip=flip, generate_demo=generate_demo,
+      holdout=holdout, options=ml_collections.ConfigDict(options)))
+
+
+# Variants a paper config takes after its name ("configs/cs_sun.py:consistency").
+PAPER_VARIANTS = {
+    # The recommended method of docs/RESULTS.md (chosen on validation data): weak-to-strong
+    # consistency per domain, threshold 0.95, the student as its own teacher.
+    "consistency": dict(method="consistency"),
+}
+
+
+def paper_variant(c: ml_collections.ConfigDict, arg: str | None,
+                  config_file: str) -> ml_collections.ConfigDict:
+  """Applies the named variant of PAPER_VARIANTS to a paper config (None: the paper's method)."""
+  if arg is None:
+    return c
+  if arg not in PAPER_VARIANTS:
+    raise ValueError(f"{config_file}: unknown variant {arg!r}; choose from "
+                     f"{sorted(PAPER_VARIANTS)} or none")
+  c.update(PAPER_VARIANTS[arg])
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The defaults of every experiment: the paper's recipe (SGD 1e-3, batch 10, d=128, ...)."""
+  c = ml_collections.ConfigDict()
+  # single | basic | cross | full | ser | consistency | universal (objectives.METHODS).
+  c.method = "full"
+  c.alpha = 1.0        # weight of the cross-domain entropy
+  c.beta = 1.0         # weight of the within-domain entropy
+  c.ser_weight = 1.0   # weight of the decoder softmax entropy (method "ser")
+  c.single_domain = ""  # method "single": the domain whose labels train the encoder ("" = first)
+  c.seed = 0
+  c.num_labeled = 100  # labeled images per domain (<= 0: all)
+  c.unlabeled_includes_labeled = False  # the reference put the labeled images in the pool too
+
+  c.domain_names = ()  # order of the heads; a subset of `domains`
+  c.domains = ml_collections.ConfigDict()
+
+  # Model.
+  c.encoder = "drn_d_22"
+  c.encoder_channels = ()  # () = the named encoder's widths; 8 ints for custom/tiny models
+  c.pretrained = ""        # ImageNet DRN weights (.npz, or .pth with torch installed)
+  c.embedding_dim = 128
+  c.embeddings_per_class = 1  # K prototypes per class (K-means when > 1)
+  c.upsample = "transposed"   # "transposed" (reference, attenuated border) | "resize"
+  c.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+  c.conv_weight_grad = "auto"  # auto | xla | taps: how convs compute kernel gradients (speed only)
+
+  # Entropy module options (defaults = reference).
+  c.alignment = "reference"   # reference (the paper's code) | infomax (cosine, E[H] - H(E[p]))
+  c.temperature = 1.0         # scores are divided by it (infomax: cosine / temperature)
+  c.normalize_pixels = False  # reference alignment only: cosine instead of the dot product
+  c.alignment_threshold = 0.0  # infomax: pixels less confident than this leave E[H(p)]
+  c.prototype_loss_weight = 0.0  # cross entropy of labeled pixels' prototype scores
+  c.prototype_reduction = "none"  # none | max | logsumexp (for K > 1)
+
+  # Weak-to-strong consistency (methods consistency, universal): pseudo-labels of the weak
+  # view (the training crop) supervise the strong view (same crop, photometric noise, CutMix
+  # within the domain's batch) where their confidence reaches the threshold.
+  c.consistency = ml_collections.ConfigDict(dict(
+      weight=1.0,
+      threshold=0.95,
+      teacher="student",  # student (the model, train-mode BN) | ema (EMA weights, eval BN)
+      ema_decay=0.99,
+  ))
+  c.strong_augment = ml_collections.ConfigDict(
+      dataclasses.asdict(strong_augment.StrongAugmentConfig()))  # data/strong_augment.py
+
+  # Label embeddings (paper supplementary B.1).
+  c.label_embeddings = ml_collections.ConfigDict(dict(
+      source="pretrain",     # pretrain | file | random
+      # .npz/.npy per domain: "name=path,name=path", or one .npz with a key per domain
+      file="",
+      pretrain_steps=500,    # steps of the per-domain supervised model
+      pretrain_checkpoint="",  # reuse a trained model instead (workdir of a 'single' run)
+      max_pixels_per_image=4096,
+      ema_theta=0.0,         # > 0: EMA update of the centroids from labeled pixels
+  ))
+
+  # Optimisation (paper: SGD 1e-3, momentum 0.9, wd 1e-4, poly 0.9, batch 10).
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.poly_power = 0.9
+  c.labeled_batch = 10    # per domain, global (split over the devices)
+  c.unlabeled_batch = 10  # per domain, global; the unlabeled:labeled ratio
+  c.batch_per_device = False  # True: the three batch sizes are per device (x device count)
+  c.total_steps = 20000
+  c.normalization = "imagenet"  # imagenet | none (the reference fed raw [0, 1] pixels)
+  c.workers = 0           # grain worker processes per stream
+  c.data_cache_mb = 512   # decoded training images kept in memory, per stream (speed only)
+  # A training image that fails to load (truncated, unreadable) is an error naming the file,
+  # domain, stream and step; True replaces it by the next loadable image of its stream and
+  # counts it (metrics.jsonl: bad_images_skipped).
+  c.skip_bad_images = False
+
+  # Bookkeeping.
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.collapse_threshold = 1e-3  # warn when an unsupervised entropy / diversity falls below it
+  c.eval_batch = 2
+  c.eval_max_examples = -1     # -1: the whole split
+  c.miou_convention = "standard"  # standard (absent classes excluded) | reference (count as 0)
+  return c
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+  """ConfigError unless `config.<key>` (dotted) is one of `choices`."""
   value = config
   for part in key.split("."):
     value = value[part]
@@ -85,18 +212,18 @@ def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the key for values that cannot work."""
-  _check_choice(config, "method", METHODS)
+  """Raises ConfigError naming the key for values of the domains, batches, lengths and optimiser
+  that cannot work."""
   if not config.domain_names:
     raise ConfigError("config.domain_names is empty: name at least one domain")
   for name in config.domain_names:
     if name not in config.domains:
       raise ConfigError(f"config.domain_names names {name!r}, which is not in config.domains "
                         f"(known: {sorted(config.domains.keys())})")
-    crop = tuple(config.domains[name].crop)
+    dc = config.domains[name]
+    crop = tuple(dc.crop)
     if len(crop) != 2 or min(crop) <= 0:
       raise ConfigError(f"config.domains.{name}.crop={crop}: expected (height, width)")
-    dc = config.domains[name]
     if dc.eval_split == "holdout" and dc.get("holdout", 0) <= 0:
       raise ConfigError(f"config.domains.{name}.eval_split='holdout' needs "
                         f"config.domains.{name}.holdout > 0 (training images held out)")
@@ -104,29 +231,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.single_domain not in config.domain_names:
     raise ConfigError(f"config.single_domain={config.single_domain!r} is not in "
                       f"config.domain_names={tuple(config.domain_names)}")
-  _check_choice(config, "dtype", universal.COMPUTE_DTYPES)
-  _check_choice(config, "upsample", layers.UPSAMPLE_MODES)
-  _check_choice(config, "conv_weight_grad", layers.WEIGHT_GRADS)
-  _check_choice(config, "miou_convention", metrics.MIOU_CONVENTIONS)
-  _check_choice(config, "prototype_reduction", losses.PROTOTYPE_REDUCTIONS)
-  _check_choice(config, "normalization", transforms.NORMALIZATIONS)
-  _check_choice(config, "label_embeddings.source", label_embeddings.SOURCES)
-  _check_choice(config, "alignment", ALIGNMENTS)
-  _check_choice(config, "consistency.teacher", TEACHERS)
-  for key in ("consistency.threshold", "alignment_threshold"):
-    value = config.consistency.threshold if key.startswith("consistency") else config[key]
-    if not 0.0 <= value <= 1.0:
-      raise ConfigError(f"config.{key}={value} must be a confidence in [0, 1]")
-  if not 0.0 <= config.consistency.ema_decay < 1.0:
-    raise ConfigError(f"config.consistency.ema_decay={config.consistency.ema_decay} must be "
-                      "in [0, 1)")
   try:
     strong_augment.StrongAugmentConfig.from_dict(config.strong_augment)
   except ValueError as e:
     raise ConfigError(f"config.strong_augment: {e}") from None
-  if config.embedding_dim <= 0 and config.method in LABEL_EMBEDDING_METHODS:
-    raise ConfigError(f"config.embedding_dim={config.embedding_dim}: method "
-                      f"{config.method!r} needs the entropy module")
   n_dev = jax.device_count()
   for key in BATCH_KEYS:
     value = config[key]
@@ -149,32 +257,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def global_batch(config: ml_collections.ConfigDict, key: str) -> int:
   """The global batch size of `config.<key>` (per domain), honouring `batch_per_device`."""
   return int(config[key]) * (jax.device_count() if config.batch_per_device else 1)
-
-
-def loss_spec_from_config(config: ml_collections.ConfigDict) -> LossSpec:
-  names = tuple(config.domain_names)
-  method = config.method
-  alpha, beta = float(config.alpha), float(config.beta)
-  if method in ("single", "basic", "ser", "consistency"):
-    alpha = beta = 0.0
-  elif method == "cross":
-    beta = 0.0
-  trained = tuple(True for _ in names)
-  if method == "single":
-    source = config.single_domain or names[0]
-    trained = tuple(n == source for n in names)
-  return LossSpec(
-      method=method, alpha=alpha, beta=beta,
-      ser_weight=float(config.ser_weight) if method == "ser" else 0.0,
-      trained_domains=trained, temperature=float(config.temperature),
-      normalize_pixels=bool(config.normalize_pixels),
-      embeddings_per_class=int(config.embeddings_per_class),
-      prototype_reduction=config.prototype_reduction,
-      ema_theta=float(config.label_embeddings.ema_theta),
-      alignment=config.alignment, alignment_threshold=float(config.alignment_threshold),
-      prototype_weight=(float(config.prototype_loss_weight)
-                        if method in LABEL_EMBEDDING_METHODS else 0.0),
-      consistency_weight=(float(config.consistency.weight)
-                          if method in ("consistency", "universal") else 0.0),
-      consistency_threshold=float(config.consistency.threshold),
-      teacher=config.consistency.teacher, teacher_decay=float(config.consistency.ema_decay))

@@ -9,8 +9,8 @@ the label-embedding stage and the analyses all take `Domain`s.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import sys
 from typing import Sequence
 
 import ml_collections
@@ -19,6 +19,8 @@ import numpy as np
 from usss_jax import files
 from usss_jax.data import demo, registry, splits
 from usss_jax.data.base import DataError, DatasetReader, DatasetSpec, Example
+
+log = logging.getLogger("usss_jax")
 
 
 @dataclasses.dataclass
@@ -70,39 +72,43 @@ class Domain:
 
 @dataclasses.dataclass(frozen=True)
 class LabelSpace:
-  """What a trained model predicts for a domain, without its data: classes, colours, input size.
+  """What a trained model predicts for a domain, without its data: the dataset's label space
+  (`DatasetSpec`: classes, palette) and the input sizes.
 
   Saved at training time (`save_label_spaces`) so that a run directory alone can segment
   images (`usss_jax.Segmenter`).
   """
   name: str
-  classes: tuple[str, ...]
-  palette: tuple[tuple[int, int, int], ...]
+  spec: DatasetSpec
   crop_hw: tuple[int, int] | None = None
   eval_resize_hw: tuple[int, int] | None = None
 
   @property
+  def classes(self) -> tuple[str, ...]:
+    return self.spec.classes
+
+  @property
   def num_classes(self) -> int:
-    return len(self.classes)
+    return self.spec.num_classes
 
   def palette_array(self) -> np.ndarray:
     """[C, 3] uint8."""
-    return np.asarray(self.palette, np.uint8).reshape(-1, 3)
+    return self.spec.palette_array()
+
+
+def _hw(value) -> tuple[int, int] | None:
+  return tuple(int(v) for v in value) if value else None
 
 
 LABEL_SPACES_FILE = "label_spaces.json"
 
 
-def label_space(domain: Domain) -> LabelSpace:
-  return LabelSpace(domain.name, tuple(domain.classes),
-                    tuple(tuple(int(v) for v in c) for c in domain.spec.palette),
-                    domain.crop_hw, domain.eval_resize_hw)
-
-
 def save_label_spaces(workdir: str, domains: Sequence[Domain]) -> str:
   """Writes `<workdir>/label_spaces.json`: per domain its classes, palette and sizes."""
-  return files.write_json(os.path.join(workdir, LABEL_SPACES_FILE),
-                          {"domains": [dataclasses.asdict(label_space(d)) for d in domains]})
+  entries = [{"name": d.name, "dataset": d.spec.name, "classes": list(d.classes),
+              "palette": [[int(v) for v in c] for c in d.spec.palette],
+              "crop_hw": d.crop_hw, "eval_resize_hw": d.eval_resize_hw} for d in domains]
+  return files.write_json(os.path.join(workdir, LABEL_SPACES_FILE), {"domains": entries})
 
 
 def load_label_spaces(workdir: str) -> list[LabelSpace]:
@@ -112,14 +118,11 @@ def load_label_spaces(workdir: str) -> list[LabelSpace]:
     raise FileNotFoundError(f"{path}: no such file; {workdir} is not a run directory of this "
                             "version (train it again, or pass --config to read its datasets)")
   entries = files.read_json(path, "label spaces")["domains"]
-  return [LabelSpace(e["name"], tuple(e["classes"]), tuple(tuple(c) for c in e["palette"]),
-                     tuple(e["crop_hw"]) if e["crop_hw"] else None,
-                     tuple(e["eval_resize_hw"]) if e["eval_resize_hw"] else None)
+  return [LabelSpace(e["name"],
+                     DatasetSpec(e.get("dataset", e["name"]), tuple(e["classes"]),
+                                 tuple(tuple(c) for c in e["palette"])),
+                     _hw(e["crop_hw"]), _hw(e["eval_resize_hw"]))
           for e in entries]
-
-
-def _hw(value) -> tuple[int, int] | None:
-  return tuple(int(v) for v in value) if value else None
 
 
 def make_reader(domain_config: ml_collections.ConfigDict) -> DatasetReader:
@@ -158,8 +161,8 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
     eval_examples = held_out if dc.eval_split == "holdout" else listed_eval
     for split_name, skipped in (getattr(reader, "skipped", None) or {}).items():
       if skipped:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
-        print(f"{name}: skipped {len(skipped)} unpaired file(s) in split {split_name!r}, "
-              f"e.g. {skipped[0]}", file=sys.stderr)
+        log.warning("%s: skipped %d unpaired file(s) in split %r, e.g. %s", name, len(skipped),
+                    split_name, skipped[0])
     if config.eval_max_examples > 0:
       eval_examples = eval_examples[:config.eval_max_examples]
     out.append(Domain(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from usss_jax import config as config_lib
 from usss_jax import inference, metrics, sharding
 from usss_jax.data.base import IGNORE_LABEL
 from usss_jax.domains import Domain
@@ -121,15 +122,42 @@ def evaluate_domains(model, variables, domains: Sequence[Domain], *, batch_size:
 
 
 def summary(results: dict, names: Sequence[str]) -> dict:
-  """What goes to metrics.jsonl / TensorBoard: mIoU, accuracy and per-class IoU per domain."""
+  """The one summary of an evaluation (metrics.jsonl, TensorBoard, the CLIs, the ablation):
+  {"mean_miou", <name>: {"miou", "pixel_accuracy", "iou": {class: IoU or None (absent)},
+  "num_images"}}."""
   out = {"mean_miou": results["mean_miou"]}
   for n in names:
     if n in results:
-      r = results[n]
-      out[n] = {"miou": r["miou"], "pixel_accuracy": r["pixel_accuracy"],
-                "iou": {c: v for c, v in r["iou"].items() if v is not None},
-                "num_images": r["num_images"]}
+      out[n] = {key: results[n][key] for key in ("miou", "pixel_accuracy", "iou", "num_images")}
   return out
+
+
+class Evaluator:
+  """What the training loop calls at evaluation steps: mIoU of every domain with evaluation
+  examples, the TensorBoard prediction panels, and the console line.
+
+  Returns {"results": `evaluate_domains`, "summary": `summary`, "mean_miou", "images",
+  "line"}.
+  """
+
+  def __init__(self, model, domains: Sequence[Domain], config):
+    self.model, self.config = model, config
+    self.names = [d.name for d in domains]
+    self.domains = [d for d in domains if d.eval_examples]
+
+  def __call__(self, variables: dict) -> dict:
+    c = self.config
+    results = evaluate_domains(self.model, variables, self.domains,
+                               batch_size=config_lib.global_batch(c, "eval_batch"),
+                               normalization=c.normalization,
+                               miou_convention=c.miou_convention)
+    images = (prediction_panels(self.model, variables, self.domains,
+                                normalization=c.normalization)
+              if jax.process_index() == 0 else {})
+    line = " ".join(f"{n}={results[n]['miou']:.4f}" for n in self.names if n in results)
+    return {"results": results, "summary": summary(results, self.names),
+            "mean_miou": results["mean_miou"], "images": images,
+            "line": f"mIoU {line} mean={results['mean_miou']:.4f}"}
 
 
 def prediction_panels(model, variables, domains: Sequence[Domain], *, normalization: str,

@@ -30,8 +30,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-import configs
-from usss_jax import cli, runtime, segmenter, workdir as workdir_lib
+from usss_jax import cli, modes, segmenter, workdir as workdir_lib
 from usss_jax import config as config_lib
 
 MODES = ["train", "embed", "eval", "predict", "config"]
@@ -74,7 +73,8 @@ def _maybe_initialize_distributed(mode: str) -> None:
   if os.environ.get("JAX_PROCESS_ID"):
     kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  py_logging.getLogger("usss_jax").info("jax.distributed: process %d of %d", jax.process_index(),
+                                        jax.process_count())
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, object]:
@@ -148,23 +148,23 @@ def main(argv):
   config = resolve_config(mode, workdir, _CONFIG.value)
 
   if mode == "config":
-    config_lib.validate_config(config)
+    modes.check_config(config)
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
   if mode in ("train", "embed"):
     try:
-      results = (runtime.train if mode == "train" else runtime.embed)(config, workdir)
+      results = (modes.train if mode == "train" else modes.embed)(config, workdir)
     except workdir_lib.Stopped as stopped:  # a requested stop is a success
       events.warning("%s", stopped)
       return
   elif mode == "eval":
-    results = runtime.evaluate_checkpoint(config, workdir, which=_CHECKPOINT.value)
+    results = modes.evaluate_checkpoint(config, workdir, which=_CHECKPOINT.value)
     print(class_table(results))
     return
   else:
     if not _INPUT.value:
       raise app.UsageError("--mode=predict needs --input")
-    results = runtime.predict(config, workdir, _INPUT.value, domain=_DOMAIN.value,
+    results = modes.predict(config, workdir, _INPUT.value, domain=_DOMAIN.value,
                               output=_OUTPUT.value, which=_CHECKPOINT.value)
   if results:
     print(json.dumps(results, indent=2, sort_keys=True))
@@ -176,11 +176,9 @@ def _installed_config_paths(argv: list[str]) -> list[str]:
   for arg in argv:
     if arg.startswith("--config="):
       path, sep, rest = arg[len("--config="):].partition(":")
-      name = os.path.basename(path)
-      candidate = os.path.join(os.path.dirname(configs.__file__),
-                               name if name.endswith(".py") else name + ".py")
-      if not os.path.exists(path) and os.path.exists(candidate):
-        arg = f"--config={candidate}{sep}{rest}"
+      found = config_lib.find_config_file(path)
+      if not os.path.exists(path) and found:
+        arg = f"--config={found}{sep}{rest}"
     out.append(arg)
   return out
 

@@ -29,6 +29,8 @@ import numpy as np
 import tensorboardX
 from tensorboardX import summary
 
+from usss_jax import files
+
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 
@@ -96,26 +98,6 @@ def check_finite(step: int, metrics: Mapping[str, Any], kept_step: int | None = 
       raise NonFiniteLossError(int(step), name, number, kept_step)
 
 
-def _to_plain(value: Any, name: str) -> Any:
-  """Nested Python/NumPy/JAX values -> plain JSON types (non-finite floats -> None)."""
-  if isinstance(value, Mapping):
-    return {str(k): _to_plain(v, f"{name}/{k}") for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_plain(v, f"{name}/{i}") for i, v in enumerate(value)]
-  if value is None or isinstance(value, str):
-    return value
-  if isinstance(value, (bool, int, float)):
-    number = value
-  else:
-    array = np.asarray(value)
-    if array.ndim > 0 or array.dtype.kind in "USO":
-      return _to_plain(array.tolist(), name)
-    number = _to_number(array, name)
-  if isinstance(number, float) and not math.isfinite(number):
-    return None
-  return number
-
-
 def _is_scalar_number(value: Any) -> bool:
   if isinstance(value, bool):
     return False
@@ -172,7 +154,7 @@ class MetricWriter:
     numbers = {name: _to_number(value, name) for name, value in scalars.items()}
     step = int(step)
     self._write_line({"step": step, "kind": kind,
-                      **{name: _to_plain(v, name) for name, v in numbers.items()}})
+                      **files.to_json(numbers, "scalars")})
     if self._tb is not None:
       for name, value in numbers.items():
         self._tb.add_scalar(f"{kind}/{name}", float(value), step)
@@ -187,7 +169,7 @@ class MetricWriter:
       return
     self._check_reserved(results)
     step = int(step)
-    self._write_line({"step": step, "kind": "eval", **_to_plain(dict(results), "results")})
+    self._write_line({"step": step, "kind": "eval", **files.to_json(dict(results), "results")})
     if self._tb is not None:
       for name, value in traverse_util.flatten_dict(dict(results), sep="/").items():
         if _is_scalar_number(value):
@@ -224,7 +206,7 @@ class MetricWriter:
       else:
         flat[name] = str(value)
     self._write_line({"kind": "hparams",
-                      "hparams": {k: _to_plain(v, k) for k, v in flat.items()}})
+                      "hparams": files.to_json(flat, "hparams")})
     if self._tb is not None:
       file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
       # Written into the run's own event file (SummaryWriter.add_hparams would

@@ -7,21 +7,17 @@ dataset needs to be on disk. Images of one size share one compiled forward (per 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Sequence, Union
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
-from configs import common
-from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
-from usss_jax import files, inference, sharding, train_step
+from usss_jax import files, inference, sharding
+from usss_jax import state as state_lib
 from usss_jax.data.base import load_rgb
 from usss_jax.domains import LabelSpace, load_label_spaces
 
@@ -46,46 +42,8 @@ def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
       out[key] = (merge(defaults[key], value)
                   if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
     return out
-  defaults = json.loads(common.base_config().to_json())
+  defaults = json.loads(config_lib.base_config().to_json())
   return ml_collections.ConfigDict(merge(defaults, files.read_json(path, "run's config")))
-
-
-def restore_model_state(config: ml_collections.ConfigDict, workdir: str,
-                        num_classes: Sequence[int], crop_hw: tuple[int, int], *,
-                        which: str = "best", placement: NamedSharding | None = None):
-  """(model, train state, step) of `workdir`'s best (else latest) or latest checkpoint.
-
-  Needs no dataset: the state's shapes follow from the config, the classes per domain and
-  the training crop.
-
-  Args:
-    which: "best" (falls back to the latest when no best exists) or "latest".
-    placement: where the restored arrays go; default replicated over all devices.
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint directory; train first "
-                                   f"(python launch.py --config=... --workdir={workdir})")
-  model = train_step.make_model(config, num_classes)
-  tx, _ = train_step.make_optimizer(config)
-  placement = placement or sharding.replicated(sharding.make_mesh())
-  init_fn = functools.partial(
-      train_step.init_state, model, tx, input_hw=tuple(crop_hw),
-      label_embeddings=tuple(train_step.placeholder_embeddings(config, num_classes)),
-      teacher=config_lib.loss_spec_from_config(config).uses_teacher_state)
-  abstract = sharding.abstract_like(jax.eval_shape(init_fn, train_step.init_rng(0)), placement)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
-  try:
-    best = which == "best" and bool(checkpointer.all_steps(best=True))
-    if not best and checkpointer.latest_step() is None:
-      raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
-    state, _ = checkpointer.restore(abstract, best=best)
-  finally:
-    checkpointer.close()
-  return model, state, int(jax.device_get(state["step"]))
 
 
 class Segmenter:
@@ -103,7 +61,7 @@ class Segmenter:
     self._spaces = {s.name: s for s in label_spaces}
     self._names = tuple(s.name for s in label_spaces)
     self._model = model
-    self._variables = train_step.model_variables(state)
+    self._variables = state_lib.model_variables(state)
     self._label_embeddings = tuple(jnp.asarray(e) for e in state["label_embeddings"])
     self._predictor = inference.predictor(model, int(config.embeddings_per_class),
                                           bool(config.normalize_pixels))
@@ -120,7 +78,7 @@ class Segmenter:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = run_config(workdir)
     spaces = load_label_spaces(workdir)
-    model, state, step = restore_model_state(
+    model, state, step = state_lib.restore(
         config, workdir, [s.num_classes for s in spaces], spaces[0].crop_hw, which=checkpoint,
         placement=sharding.replicated(sharding.single_device_mesh()))
     return cls(workdir, config, spaces, model, state, step)

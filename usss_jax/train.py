@@ -1,21 +1,21 @@
-"""The training loop: data, the jitted step, logging, checkpoints, evaluation.
+"""The training loop: data, the jitted step, logging, checkpoints, evaluation when due.
 
-`run_training` resumes from the latest checkpoint of the work directory, feeds the step
-(`usss_jax.train_step`) global batches from the input pipeline and owns every side effect:
-metrics.jsonl / TensorBoard, orbax checkpoints (newest N and the best by mean mIoU), periodic
-evaluation. Label embeddings come in as an argument (`label_embeddings.stage.prepare` makes
-them); the loop never calls the label-embedding stage.
+`run_training` resumes from the newest readable checkpoint of the work directory, feeds the
+step (`usss_jax.train_step`) global batches from the input pipeline and owns every side
+effect: metrics.jsonl / TensorBoard, orbax checkpoints (newest N and the best by mean mIoU),
+the progress bar. It is handed what it needs: the domains, the label embeddings (the
+label-embedding stage makes them) and an evaluator (`evaluate.Evaluator`), so the loop knows
+nothing of how either is computed.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from clu import parameter_overview
 import jax
@@ -26,171 +26,201 @@ import tqdm
 
 from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
-from usss_jax import evaluate, files, metric_writers, sharding, train_step
+from usss_jax import files, metric_writers, objectives, sharding, state as state_lib
+from usss_jax import train_step
 from usss_jax import workdir as workdir_lib
 from usss_jax.data import pipeline
 from usss_jax.data.base import DataError
 from usss_jax.data.strong_augment import StrongAugmentConfig
-from usss_jax.domains import Domain, build_domains, save_label_spaces
+from usss_jax.domains import Domain, save_label_spaces
 
-# Run events (parameters, resume, checkpoints, evaluations); the launcher prints them.
 log = logging.getLogger("usss_jax")
 
+# (variables {"params", "batch_stats"}) -> {"mean_miou", "summary" (metrics.jsonl / TensorBoard),
+# "images" (TensorBoard panels), "line" (the console)}; see evaluate.Evaluator.
+Evaluator = Callable[[dict], dict]
 
-def run_training(config: ml_collections.ConfigDict, workdir: str, *,
-                 domains: Sequence[Domain] | None = None,
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, domains: Sequence[Domain], *,
                  label_embeddings: Sequence[np.ndarray] | None = None,
-                 run_eval: bool = True, log_prefix: str = ""
-                 ) -> tuple[dict, dict, Any, list[Domain]]:
-  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
+                 evaluator: Evaluator | None = None, log_prefix: str = "") -> tuple[dict, dict]:
+  """Trains `domains` (resuming from the newest readable checkpoint in `workdir`).
 
   Args:
     config: the experiment config.
-    workdir: run directory (config.json, splits/, checkpoints/, metrics.jsonl, tensorboard/).
-    domains: the run's domains (default: built from the config, splits in the workdir).
+    workdir: run directory (config.json, checkpoints/, metrics.jsonl, tensorboard/).
+    domains: the run's domains, in head order.
     label_embeddings: [C_d * K, D] per domain; required by methods that use them.
-    run_eval: evaluate every `eval_every` steps and at the end.
-    log_prefix: prefix of console lines (the embedding stage's pre-training runs).
+    evaluator: evaluates every `eval_every` steps and at the end (None: never).
+    log_prefix: prefix of console lines (the label-embedding stage's pre-training runs).
   Returns:
-    (final state, last evaluation results or {}, model, domains).
+    (final state, last evaluation report, {} without an evaluator).
   """
   config_lib.validate_config(config)
+  spec = objectives.method_spec(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-
+  _record_run(config, workdir, domains)
   # Opened first so that a bad checkpoint directory fails before any compilation.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)
-  domains = list(domains) if domains is not None else build_domains(config, workdir)
-  if is_main:  # what the run predicts, for segmenting without the datasets (Segmenter)
-    save_label_spaces(workdir, domains)
-  names = [d.name for d in domains]
-  num_classes = [d.num_classes for d in domains]
-  model = train_step.make_model(config, num_classes)
-  tx, schedule = train_step.make_optimizer(config)
-  spec = config_lib.loss_spec_from_config(config)
-  mesh = sharding.make_mesh()
-
   if label_embeddings is None:
     if spec.uses_label_embeddings:
       raise config_lib.ConfigError(
           f"config.method={config.method!r} needs label embeddings: compute them with "
-          "usss_jax.label_embeddings.stage.prepare (launch.py does this)")
-    label_embeddings = train_step.placeholder_embeddings(config, num_classes)
+          "usss_jax.label_embedding_stage.prepare (launch.py does this)")
+    label_embeddings = state_lib.placeholder_embeddings(config, [d.num_classes for d in domains])
+  model = state_lib.make_model(config, [d.num_classes for d in domains])
+  tx, schedule = state_lib.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  state = state_lib.initial_state(config, model, tx, spec, domains[0].crop_hw, label_embeddings,
+                                  sharding.replicated(mesh))
+  if jax.process_index() == 0 and not log_prefix:
+    log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+  train_input = _train_input(config, spec, domains, mesh)
+  loop = _Loop(config, workdir, checkpointer, train_input, schedule, evaluator, log_prefix)
+  state, start_step = loop.resume(state)
+  step_fn = train_step.jit_train_step(
+      train_step.make_train_step(model, tx, spec, [d.name for d in domains]), mesh)
+  try:
+    loop.open(start_step)
+    for step in range(start_step + 1, config.total_steps + 1):
+      state = loop.run_step(step, step_fn, state)
+  finally:
+    loop.close()
+  if evaluator is not None and not loop.results and start_step >= config.total_steps:
+    loop.evaluate(start_step, state)
+  return state, loop.results
 
-  init_fn = functools.partial(train_step.init_state, model, tx, input_hw=domains[0].crop_hw,
-                              label_embeddings=tuple(label_embeddings),
-                              teacher=spec.uses_teacher_state)
-  state = jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(
-      train_step.init_rng(config.seed))
-  if config.pretrained:
-    state = jax.device_put(train_step.load_pretrained_encoder(config, model, state),
-                           sharding.replicated(mesh))
-  if is_main and not log_prefix:
-    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
 
-  train_input = pipeline.TrainInput(
+def _record_run(config: ml_collections.ConfigDict, workdir: str,
+                domains: Sequence[Domain]) -> None:
+  """config.json and label_spaces.json (what `Segmenter` needs to predict without the data)."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    save_label_spaces(workdir, domains)
+
+
+def _train_input(config: ml_collections.ConfigDict, spec: objectives.MethodSpec,
+                 domains: Sequence[Domain], mesh) -> pipeline.TrainInput:
+  return pipeline.TrainInput(
       domains, labeled_batch=config_lib.global_batch(config, "labeled_batch"),
       unlabeled_batch=(config_lib.global_batch(config, "unlabeled_batch")
                        if spec.uses_unlabeled else 0),
       seed=config.seed, mesh=mesh, normalization=config.normalization,
       worker_count=config.workers, cache_mb=config.data_cache_mb,
-      strong=(StrongAugmentConfig.from_dict(config.strong_augment) if spec.uses_consistency
+      strong=(StrongAugmentConfig.from_dict(config.strong_augment) if spec.uses_strong_views
               else None),
       skip_bad_images=config.skip_bad_images)
-  start_step = 0
-  restored = restore_newest_readable(checkpointer, sharding.abstract_like(state), log_prefix)
-  if restored is not None:
+
+
+class _Loop:
+  """The side effects around the step: data, logs, checkpoints, evaluation, stop requests."""
+
+  def __init__(self, config, workdir: str, checkpointer: ckpt_lib.Checkpointer,
+               train_input: pipeline.TrainInput, schedule, evaluator: Evaluator | None,
+               log_prefix: str):
+    self.config, self.workdir, self.checkpointer = config, workdir, checkpointer
+    self.train_input, self.schedule, self.evaluator = train_input, schedule, evaluator
+    self.log_prefix = log_prefix
+    self.results: dict = {}
+    self.pending: list = []
+    self.collapsed: set = set()
+    self.writer = self.progress = None
+
+  def resume(self, state: dict) -> tuple[dict, int]:
+    """The newest readable checkpoint's state and input position, else (state, 0)."""
+    restored = restore_newest_readable(self.checkpointer, sharding.abstract_like(state),
+                                       self.log_prefix)
+    if restored is None:
+      return state, 0
     state, extra = restored
-    train_input.set_state(extra["data"])
-    start_step = int(jax.device_get(state["step"]))
-    log.info("%sresumed from %s at step %d", log_prefix, checkpointer.directory, start_step)
+    self.train_input.set_state(extra["data"])
+    step = int(jax.device_get(state["step"]))
+    log.info("%sresumed from %s at step %d", self.log_prefix, self.checkpointer.directory, step)
+    return state, step
 
-  step_fn = train_step.jit_train_step(train_step.make_train_step(model, tx, spec, names), mesh)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_main)
-  if start_step == 0:
-    writer.write_hparams(json.loads(config.to_json()))
-  progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
-                       desc=log_prefix.strip() or None, disable=not is_main,
-                       mininterval=1.0 if sys.stderr.isatty() else 10.0)
-  eval_domains = [d for d in domains if d.eval_examples] if run_eval else []
-  results: dict = {}
+  def open(self, start_step: int) -> None:
+    is_main = jax.process_index() == 0
+    self.writer = metric_writers.MetricWriter(self.workdir, enabled=is_main)
+    if start_step == 0:
+      self.writer.write_hparams(json.loads(self.config.to_json()))
+    self.progress = tqdm.tqdm(total=self.config.total_steps, initial=start_step, unit="step",
+                              desc=self.log_prefix.strip() or None, disable=not is_main,
+                              mininterval=1.0 if sys.stderr.isatty() else 10.0)
+    self.last_log = (time.time(), start_step)
 
-  def run_eval_now(step):
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    res = evaluate.evaluate_domains(model, variables, eval_domains,
-                                    batch_size=config_lib.global_batch(config, "eval_batch"),
-                                    normalization=config.normalization,
-                                    miou_convention=config.miou_convention)
-    writer.write_eval(step, evaluate.summary(res, names))
-    if is_main:
-      writer.write_images(step, evaluate.prediction_panels(model, variables, eval_domains,
-                                                           normalization=config.normalization))
-    line = " ".join(f"{n}={res[n]['miou']:.4f}" for n in names if n in res)
-    log.info("%seval step %d: mIoU %s mean=%.4f", log_prefix, step, line, res["mean_miou"])
-    checkpointer.save_best(step, state, extra={"data": train_input.get_state()},
-                           metric_value=res["mean_miou"])
-    return res
+  def run_step(self, step: int, step_fn, state: dict) -> dict:
+    """Runs training step `step` and what is due after it; raises `Stopped` on a stop request."""
+    c = self.config
+    state, metrics = step_fn(state, self._next_batch(step))
+    workdir_lib.note_training_step()
+    self.pending.append((step, metrics))
+    is_last = step == c.total_steps
+    stop_signal = _stop_agreed(step, c.log_every)
+    do_ckpt = step % c.checkpoint_every == 0 or is_last or bool(stop_signal)
+    do_eval = self.evaluator is not None and (step % c.eval_every == 0 or is_last)
+    if step % c.log_every == 0 or do_ckpt or do_eval:
+      self._log(step)
+    if do_ckpt:
+      self.checkpointer.save(step, state, extra={"data": self.train_input.get_state()})
+      log.info("%ssaved checkpoint %s/%d", self.log_prefix, self.checkpointer.directory, step)
+    if do_eval:
+      self.evaluate(step, state)
+    if stop_signal and not is_last:
+      raise workdir_lib.Stopped(step, stop_signal)
+    return state
 
-  pending, collapsed = [], set()
-  last_log_time, last_log_step = time.time(), start_step
-  try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      try:
-        batch = next(train_input)
-      except DataError as e:
-        kept = checkpointer.latest_step()
-        raise DataError(
-            f"training step {step}: {e}\nhint: the checkpoints (newest: "
-            f"{'none' if kept is None else f'step {kept}'}) are kept; replace the file or set "
-            "--config.skip_bad_images=True, then run again to resume") from e
-      state, step_metrics = step_fn(state, batch)
-      workdir_lib.note_training_step()
-      pending.append((step, step_metrics))
-      is_last = step == config.total_steps
-      stop_signal = _stop_agreed(step, config.log_every)
-      do_ckpt = step % config.checkpoint_every == 0 or is_last or bool(stop_signal)
-      do_eval = eval_domains and (step % config.eval_every == 0 or is_last)
-      if step % config.log_every == 0 or do_ckpt or do_eval:
-        host = jax.device_get(pending)
-        pending = []
-        for s, m in host:
-          metric_writers.check_finite(s, {k: v for k, v in m.items() if k != "grad_norm"},
-                                      kept_step=checkpointer.latest_step())
-        now = time.time()
-        scalars = {k: float(v) for k, v in host[-1][1].items()}
-        scalars["learning_rate"] = float(schedule(step))
-        if config.skip_bad_images:
-          scalars["bad_images_skipped"] = train_input.bad_images_skipped
-        scalars["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        last_log_time, last_log_step = now, step
-        writer.write_scalars(step, scalars)
-        warn_collapse(step, scalars, config.collapse_threshold, collapsed, log_prefix)
-        progress.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
-        progress.update(step - progress.n)
-      if do_ckpt:
-        checkpointer.save(step, state, extra={"data": train_input.get_state()})
-        log.info("%ssaved checkpoint %s/%d", log_prefix, checkpointer.directory, step)
-      if do_eval:
-        results = run_eval_now(step)
-      if stop_signal and not is_last:
-        raise workdir_lib.Stopped(step, stop_signal)
-  finally:
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    train_input.close()
-    if train_input.bad_images_skipped:
-      log.warning("%sskipped %d unloadable image(s) (skip_bad_images=True): %s", log_prefix,
-                  train_input.bad_images_skipped, ", ".join(train_input.bad_images) or
-                  "before this resume")
-  if run_eval and not results and eval_domains and start_step >= config.total_steps:
-    results = run_eval_now(start_step)
-  return state, results, model, domains
+  def _next_batch(self, step: int):
+    try:
+      return next(self.train_input)
+    except DataError as e:
+      kept = self.checkpointer.latest_step()
+      raise DataError(
+          f"training step {step}: {e}\nhint: the checkpoints (newest: "
+          f"{'none' if kept is None else f'step {kept}'}) are kept; replace the file or set "
+          "--config.skip_bad_images=True, then run again to resume") from e
+
+  def _log(self, step: int) -> None:
+    host, self.pending = jax.device_get(self.pending), []
+    for s, m in host:
+      metric_writers.check_finite(s, {k: v for k, v in m.items() if k != "grad_norm"},
+                                  kept_step=self.checkpointer.latest_step())
+    now, (last_time, last_step) = time.time(), self.last_log
+    scalars = {k: float(v) for k, v in host[-1][1].items()}
+    scalars["learning_rate"] = float(self.schedule(step))
+    if self.config.skip_bad_images:
+      scalars["bad_images_skipped"] = self.train_input.bad_images_skipped
+    scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+    self.last_log = (now, step)
+    self.writer.write_scalars(step, scalars)
+    warn_collapse(step, scalars, self.config.collapse_threshold, self.collapsed, self.log_prefix)
+    self.progress.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+    self.progress.update(step - self.progress.n)
+
+  def evaluate(self, step: int, state: dict) -> None:
+    """Evaluates, logs the report and keeps the state if it is the best so far."""
+    report = self.evaluator(state_lib.model_variables(state))
+    if self.writer is not None and self.writer.enabled:
+      self.writer.write_eval(step, report["summary"])
+      self.writer.write_images(step, report["images"])
+    log.info("%seval step %d: %s", self.log_prefix, step, report["line"])
+    self.checkpointer.save_best(step, state, extra={"data": self.train_input.get_state()},
+                                metric_value=report["mean_miou"])
+    self.results = report["results"]
+
+  def close(self) -> None:
+    if self.progress is not None:
+      self.progress.close()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    if self.writer is not None:
+      self.writer.close()
+    self.train_input.close()
+    if self.train_input.bad_images_skipped:
+      log.warning("%sskipped %d unloadable image(s) (skip_bad_images=True): %s", self.log_prefix,
+                  self.train_input.bad_images_skipped,
+                  ", ".join(self.train_input.bad_images) or "before this resume")
 
 
 def restore_newest_readable(checkpointer: ckpt_lib.Checkpointer, target: Any,
@@ -227,7 +257,7 @@ def _stop_agreed(step: int, every: int) -> str | None:
 
 # Unsupervised terms that carry no gradient once they reach ~0 (the reference formulation
 # gets there by growing the pixel embedding), and the diversity of the prototype assignment.
-_COLLAPSE_WATCH = ("within_entropy/", "cross_entropy/", "diversity/")
+_COLLAPSE_WATCH = ("within_entropy/", "cross_domain_entropy/", "diversity/")
 
 
 def warn_collapse(step: int, scalars: dict, threshold: float, warned: set,
@@ -237,5 +267,5 @@ def warn_collapse(step: int, scalars: dict, threshold: float, warned: set,
     if name.startswith(_COLLAPSE_WATCH) and value < threshold and name not in warned:
       warned.add(name)
       log.warning("%s%s collapsed to %.3g nats (< %g) at step %d: the term carries almost "
-                      "no gradient from here on (alignment=reference does this; see "
-                      "config.alignment)", log_prefix, name, value, threshold, step)
+                  "no gradient from here on (alignment=reference does this; see "
+                  "config.alignment)", log_prefix, name, value, threshold, step)

@@ -25,22 +25,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from usss_jax import files, inference, metrics, runtime, segmenter, sharding, train_step
+from usss_jax import files, inference, label_embedding_stage, metrics, modes, segmenter, sharding
+from usss_jax import state as state_lib
 from usss_jax.analysis import plots, scores
 from usss_jax.data import transforms
 from usss_jax.data.base import IGNORE_LABEL, load_rgb
 from usss_jax.domains import Domain
-from usss_jax.label_embeddings import stage
 from usss_jax.label_embeddings.store import LabelEmbeddings
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = "best"):
-  """(model, state, domains, step) of `workdir` on one local device (see runtime.restore_state).
+  """(model, state, domains, step) of `workdir` on one local device (`modes.restore_with_domains`).
 
   The whole train state is kept, in particular `state["label_embeddings"]` (which EMA may
   have moved away from the saved files).
   """
-  return runtime.restore_state(config, workdir, which,
+  return modes.restore_with_domains(config, workdir, which,
                                placement=sharding.replicated(sharding.single_device_mesh()))
 
 
@@ -55,7 +55,7 @@ def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, sta
   k = int(config.embeddings_per_class)
   emb = np.asarray(jax.device_get(state["label_embeddings"][index]), np.float32)
   if not np.any(np.linalg.norm(emb, axis=1) > 0):
-    path = os.path.join(stage.embeddings_dir(workdir), f"{dom.name}.npz")
+    path = os.path.join(label_embedding_stage.embeddings_dir(workdir), f"{dom.name}.npz")
     if not os.path.exists(path):
       raise ValueError(
           f"{workdir}: the checkpoint holds no label embeddings for domain {dom.name!r} "
@@ -161,7 +161,7 @@ def predict_any(config: ml_collections.ConfigDict, workdir: str, input_path: str
   dom = domains[index]
   k = int(config.embeddings_per_class)
   embs = domain_label_embeddings(config, workdir, state, domains, index)
-  variables = train_step.model_variables(state)
+  variables = state_lib.model_variables(state)
   output = output or os.path.join(workdir, "visualize", f"predict_any_{dom.name}")
   os.makedirs(output, exist_ok=True)
   forward = inference.predictor(model, k, bool(config.normalize_pixels))
@@ -253,7 +253,7 @@ def correspondence(config: ml_collections.ConfigDict, workdir: str, *, domain_a:
 
   examples = _eval_examples(dom_a, max_images)
   forward = inference.predictor(model)
-  variables = train_step.model_variables(state)
+  variables = state_lib.model_variables(state)
   counts = np.zeros((len(names_a), len(names_b)), np.int64)
   for ex in examples:
     item = dom_a.reader.load_example(ex)
@@ -286,7 +286,7 @@ def sample_features(model, variables, domains: Sequence[Domain], *,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Encoder features of up to `per_class` pixels per class and domain (eval images).
 
-  As the label-embedding stage (`stage.feature_label_batches`) samples
+  As the label-embedding stage (`label_embedding_stage.feature_label_batches`) samples
   them: features at 1/8 resolution, labels at the cell centres, at most
   `max_pixels_per_image` labelled cells per image; then `per_class` per class.
   Returns:
@@ -338,7 +338,7 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
   for r, (run_dir, run_config) in enumerate(runs):
     model, state, domains, step = restore_state(run_config, run_dir, which)
     feats, dom_ids, cls_ids = sample_features(
-        model, train_step.model_variables(state), domains, normalization=run_config.normalization,
+        model, state_lib.model_variables(state), domains, normalization=run_config.normalization,
         per_class=per_class, max_pixels_per_image=max_pixels_per_image, seed=seed,
         max_images=max_images)
     points = scores.tsne_points(feats, seed=seed, perplexity=perplexity)

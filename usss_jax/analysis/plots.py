@@ -182,7 +182,7 @@ def plot_unsupervised_terms(curves: dict, path: str) -> str:
     ax.set_title(f"{term} (mean over domains and seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if term in ("within_entropy", "cross_entropy", "embedding_norm"):
+    if term in ("within_entropy", "cross_domain_entropy", "embedding_norm"):
       ax.set_yscale("log")
   for ax in axes[len(terms):]:
     ax.axis("off")

@@ -32,6 +32,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from usss_jax import files
+
 # Bump when the generator changes, so existing demo folders are regenerated.
 GENERATOR_VERSION = 1
 META_FILE = "demo_meta.json"
@@ -349,10 +351,7 @@ def ensure_demo_data(root: str, *, num_train: int = 48, num_val: int = 16,
         if os.path.lexists(path):
           os.rename(path, os.path.join(tmp, f"old-{domain}"))
         os.rename(os.path.join(tmp, domain), path)
-      meta_tmp = os.path.join(tmp, META_FILE)
-      with open(meta_tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-      os.replace(meta_tmp, os.path.join(root, META_FILE))
+      files.write_json(os.path.join(root, META_FILE), meta)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
   return paths

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from usss_jax import files
 from usss_jax.data.base import DataError, Example
 
 
@@ -89,17 +89,8 @@ def hold_out(examples: Sequence[Example], count: int) -> tuple[list[Example], li
           [ex for i, ex in enumerate(ordered) if i not in chosen])
 
 
-def _write_lines_atomic(path: str, lines: Sequence[str]) -> None:
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".txt")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+  files.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def split_paths(directory: str, domain: str) -> tuple[str, str]:
@@ -112,8 +103,8 @@ def write_split(split: Split, directory: str, domain: str) -> tuple[str, str]:
   """Writes `<domain>.labeled.txt` and `<domain>.unlabeled.txt` (one key per line)."""
   os.makedirs(directory, exist_ok=True)
   lab_path, unl_path = split_paths(directory, domain)
-  _write_lines_atomic(lab_path, [ex.key for ex in split.labeled])
-  _write_lines_atomic(unl_path, [ex.key for ex in split.unlabeled])
+  _write_lines(lab_path, [ex.key for ex in split.labeled])
+  _write_lines(unl_path, [ex.key for ex in split.unlabeled])
   return lab_path, unl_path
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from usss_jax import files
 from usss_jax.data import registry
 from usss_jax.data.base import DataError, DatasetReader
 from usss_jax.data.tfds_reader import DATASET_VERSION, KEYS_FILE, scan_keys
@@ -192,7 +193,5 @@ def prepare(reader_name: str, root: str, data_dir: str, *, config_name: str | No
       continue
     source = builder.as_data_source(split, decoders={
         "image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
-    with open(keys_path + ".tmp", "w") as f:
-      json.dump(scan_keys(source), f)
-    os.replace(keys_path + ".tmp", keys_path)
+    files.write_json(keys_path, scan_keys(source))
   return path

@@ -17,14 +17,34 @@ there is no extra "ignore" row (see `usss_jax.losses`).
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import logging
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from usss_jax.data.base import IGNORE_LABEL
+from usss_jax.models.drn import OUTPUT_STRIDE
 
 _MISSING_POLICIES = ("random", "zeros", "error")
+log = logging.getLogger("usss_jax")
+
+
+def cell_centre_labels(labels: Any, feature_hw: tuple[int, int]) -> jnp.ndarray:
+  """The labels of the pixels at the centres of the encoder's output cells.
+
+  Args:
+    labels: [..., H, W] class ids (NumPy or JAX; inside jit too).
+    feature_hw: (h, w) of the encoder output, h = ceil(H / OUTPUT_STRIDE).
+  Returns:
+    [..., h, w] class ids; cells whose centre lies outside the image get the ignore label.
+  """
+  (h, w), stride = feature_hw, OUTPUT_STRIDE
+  labels = jnp.asarray(labels)
+  pad = [(0, 0)] * (labels.ndim - 2) + [(0, h * stride - labels.shape[-2]),
+                                        (0, w * stride - labels.shape[-1])]
+  padded = jnp.pad(labels, pad, constant_values=IGNORE_LABEL)
+  return padded[..., stride // 2::stride, stride // 2::stride]
 
 
 def as_feature_rows(features: Any, name: str = "features",
@@ -264,8 +284,8 @@ def fill_missing(per_class: list[np.ndarray | None], k: int, dim: int, *, seed: 
   scale = float(np.mean([np.linalg.norm(r, axis=1).mean() for r in present])) if present else 1.0
   scale = scale if scale > 0 else 1.0
   if missing:
-    warnings.warn(f"{what}: classes {list(missing)} have no labeled pixels; using "
-                  f"{policy!r} fallback prototypes (recorded in missing_classes)")
+    log.warning("%s: classes %s have no labeled pixels; using %r fallback prototypes "
+                "(recorded in missing_classes)", what, list(missing), policy)
   blocks = [rows if rows is not None else
             _fallback_rows(c, k, dim, seed=seed, scale=scale, policy=policy)
             for c, rows in enumerate(per_class)]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from usss_jax import files
 
 _FORMAT_NAME = "usss_jax.label_embeddings"
 _FORMAT_VERSION = 1
@@ -27,14 +28,6 @@ def _np_load(path: str, what: str = ""):
     raise
   except Exception as e:
     raise ValueError(f"{path}: cannot read{' ' + what if what else ''} ({e})") from e
-
-
-def _json_default(value: Any) -> Any:
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON")
 
 
 @dataclasses.dataclass
@@ -77,7 +70,7 @@ class LabelEmbeddings:
     return self.embeddings.shape[1]
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes an `.npz` (arrays + a JSON header, no pickle) atomically: temp file + os.replace."""
+    """Writes an `.npz` (arrays + a JSON header, no pickle) atomically (`files.atomic_write`)."""
     path = os.fspath(path)
     header = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION,
               "num_classes": self.num_classes, "k": self.k,
@@ -85,24 +78,13 @@ class LabelEmbeddings:
               "metadata": self.metadata}
     arrays = {"embeddings": self.embeddings,
               "header_json": np.frombuffer(
-                  json.dumps(header, default=_json_default).encode("utf-8"), np.uint8)}
+                  json.dumps(files.to_json(header, "metadata")).encode("utf-8"), np.uint8)}
     for name in ("pca_mean", "pca_components", "pca_explained_variance", "class_pixel_counts"):
       value = getattr(self, name)
       if value is not None:
         arrays[name] = np.asarray(value)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-label-emb-", suffix=".npz")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp_path, path)
-    except BaseException:
-      if os.path.exists(tmp_path):
-        os.remove(tmp_path)
-      raise
+    with files.atomic_write(path, "wb") as f:
+      np.savez(f, **arrays)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "LabelEmbeddings":

@@ -34,6 +34,9 @@ from usss_jax.models.layers import BatchNorm, Conv2d
 Dtype = Any
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
+# Every DRN-D maps an H x W image to ceil(H / 8) x ceil(W / 8) features: the one definition of
+# the stride that the upsampler, the label-embedding statistics and the strong views rely on.
+OUTPUT_STRIDE = 8
 
 # Layer lists of the four DRN-D variants (fyu/drn drn_d_22/38/54/105).
 ENCODERS: dict[str, dict[str, Any]] = {

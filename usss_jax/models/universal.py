@@ -25,7 +25,6 @@ from usss_jax.models import drn as drn_lib
 from usss_jax.models.layers import BilinearUpsample, upsample_bilinear
 
 Dtype = Any
-UPSAMPLE_FACTOR = 8  # the DRN-D output stride
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype
 
 
@@ -90,7 +89,7 @@ class UniversalSegmenter(nn.Module):
 
   def upsample_scores(self, scores: jax.Array, out_size: tuple[int, int]) -> jax.Array:
     """The model's frozen x8 upsampler on any [B, h, w, M] map, cropped to `out_size`."""
-    return upsample_bilinear(scores, UPSAMPLE_FACTOR, self.upsample, out_size)
+    return upsample_bilinear(scores, drn_lib.OUTPUT_STRIDE, self.upsample, out_size)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, head: int | None = None,
@@ -132,7 +131,7 @@ class UniversalSegmenter(nn.Module):
                                    weight_grad=self.conv_weight_grad)
     feats = encoder(x, train)
     in_features = feats.shape[-1]
-    upsampler = BilinearUpsample(factor=UPSAMPLE_FACTOR, mode=self.upsample)
+    upsampler = BilinearUpsample(factor=drn_lib.OUTPUT_STRIDE, mode=self.upsample)
     heads = [
         _pointwise_conv(c, in_features, self.head_init, self.dtype, f"head_{d}")
         for d, c in enumerate(self.num_classes)

@@ -1,28 +1,32 @@
-"""What each launcher mode does: train, embed, eval, predict; restoring a run's checkpoint."""
+"""The launcher's modes: train (with the label-embedding stage), embed, eval, predict.
+
+`launch.py` / `usss-jax` parse the flags (`usss_jax.launcher`) and call one of these. Each
+checks the whole config first (`check_config`), so a bad value stops the run before any data
+is read or anything compiled.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import jax
 import ml_collections
 from jax.sharding import NamedSharding
 
 from usss_jax import config as config_lib
-from usss_jax import evaluate, files, inference, segmenter, train_step, workdir as workdir_lib
+from usss_jax import evaluate, files, inference, label_embedding_stage, objectives, segmenter
+from usss_jax import state as state_lib
+from usss_jax import workdir as workdir_lib
 from usss_jax.data.base import load_rgb
 from usss_jax.domains import build_domains
-from usss_jax.label_embeddings import stage
 from usss_jax.train import run_training
 
 
-def _summary(results: dict, names: Sequence[str]) -> dict:
-  out = {"mean_miou": results.get("mean_miou")}
-  for n in names:
-    if n in results:
-      out[n] = {"miou": results[n]["miou"], "iou": results[n]["iou"]}
-  return out
+def check_config(config: ml_collections.ConfigDict) -> objectives.MethodSpec:
+  """Every check of the config's values (each stage's own keys); returns the method."""
+  config_lib.validate_config(config)
+  state_lib.make_model(config, [1 for _ in config.domain_names])
+  return objectives.method_spec(config)
 
 
 def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict, list]:
@@ -34,42 +38,44 @@ def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[di
   Returns:
     (final state, last evaluation results or {}, domains).
   """
-  config_lib.validate_config(config)
+  spec = check_config(config)
   with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
     domains = build_domains(config, workdir)
     embeddings = None
-    if config_lib.loss_spec_from_config(config).uses_label_embeddings:
-      embeddings = stage.prepare(config, workdir, domains)
-    state, results, _, domains = run_training(config, workdir, domains=domains,
-                                              label_embeddings=embeddings)
+    if spec.uses_label_embeddings:
+      embeddings = label_embedding_stage.prepare(config, workdir, domains)
+    model = state_lib.make_model(config, [d.num_classes for d in domains])
+    evaluator = (evaluate.Evaluator(model, domains, config)
+                 if any(d.eval_examples for d in domains) else None)
+    state, results = run_training(config, workdir, domains, label_embeddings=embeddings,
+                                  evaluator=evaluator)
   return state, results, domains
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming if possible) and returns per-domain mIoU of the last evaluation."""
+  """Trains (resuming if possible) and returns the last evaluation's summary."""
   _, results, domains = embed_and_train(config, workdir)
-  return _summary(results, [d.name for d in domains]) if results else {}
+  return evaluate.summary(results, [d.name for d in domains]) if results else {}
 
 
 def embed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs only the label-embedding stage; returns where the embeddings went."""
-  config_lib.validate_config(config)
+  check_config(config)
   with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
     domains = build_domains(config, workdir)
-    embs = stage.prepare(config, workdir, domains)
-  return {d.name: {"shape": list(e.shape),
-                   "file": os.path.join(stage.embeddings_dir(workdir), f"{d.name}.npz")}
+    embs = label_embedding_stage.prepare(config, workdir, domains)
+  out_dir = label_embedding_stage.embeddings_dir(workdir)
+  return {d.name: {"shape": list(e.shape), "file": os.path.join(out_dir, f"{d.name}.npz")}
           for d, e in zip(domains, embs)}
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
-                  placement: NamedSharding | None = None):
-  """(model, train state, domains, step): `restore_model_state` plus the run's datasets."""
-  config_lib.validate_config(config)
+def restore_with_domains(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+                         placement: NamedSharding | None = None):
+  """(model, train state, domains, step): `state.restore` plus the run's datasets."""
+  check_config(config)
   domains = build_domains(config, workdir)
-  model, state, step = segmenter.restore_model_state(
-      config, workdir, [d.num_classes for d in domains], domains[0].crop_hw, which=which,
-      placement=placement)
+  model, state, step = state_lib.restore(config, workdir, [d.num_classes for d in domains],
+                                         domains[0].crop_hw, which=which, placement=placement)
   return model, state, domains, step
 
 
@@ -79,8 +85,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   Writes <workdir>/eval_<which>_step<N>.json (all results and the step).
   """
-  model, state, domains, step = restore_state(config, workdir, which)
-  results = evaluate.evaluate_domains(model, train_step.model_variables(state),
+  model, state, domains, step = restore_with_domains(config, workdir, which)
+  results = evaluate.evaluate_domains(model, state_lib.model_variables(state),
                                       [d for d in domains if d.eval_examples],
                                       batch_size=config_lib.global_batch(config, "eval_batch"),
                                       normalization=config.normalization,
@@ -88,9 +94,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, f"eval_{which}_step{step}.json"),
                      {**results, "step": step})
-  out = _summary(results, [d.name for d in domains])
-  out["step"] = step
-  return out
+  return {**evaluate.summary(results, [d.name for d in domains]), "step": step}
 
 
 def predict(config: ml_collections.ConfigDict | None, workdir: str, input_path: str, *,

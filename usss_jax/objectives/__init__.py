@@ -1,0 +1,146 @@
+"""The training objectives: one file per term, and one table from a method to its terms.
+
+A term is a pure function of one domain's batch,
+
+    loss(params, batch_stats, domain_batch, ctx) -> (loss, batch_stats, metrics),
+
+where `domain_batch` is {"labeled": {"image", "label"}, "unlabeled": {...}} and `ctx` the
+domain's `context.DomainContext` (its head, the state before the step, the forwards other
+terms already ran). The train step runs, for every domain in head order, the method's terms in
+table order and minimises sum over terms of weight x (sum over domains of the term's loss).
+
+| term | file | weight | what it does |
+|---|---|---|---|
+| supervised | supervised.py | 1 | cross entropy of the labeled pixels (ignore 255) |
+| prototype | prototype.py | prototype_loss_weight | cross entropy of labeled pixels' prototype scores; diagnostics; EMA prototypes (label_embeddings.ema_theta) |
+| cross | alignment.py | alpha | entropy of unlabeled pixels' scores against the other domains' prototypes |
+| within | alignment.py | beta | the same against the domain's own prototypes |
+| ser | ser.py | ser_weight | softmax entropy of the head on unlabeled images |
+| consistency | consistency.py | consistency.weight | pseudo-labels of the weak view train the strong view |
+
+Adding an objective: write `objectives/<name>.py` ending in `TERM = Term(...)`, import it here
+and add it to the rows of METHODS that use it; its config keys go into `config.base_config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from usss_jax import config as config_lib
+from usss_jax.objectives import alignment, consistency, prototype, ser, supervised
+from usss_jax.objectives.context import DomainContext, VIEWS
+from usss_jax.objectives.term import Term
+
+# What each method minimises, in the order the terms run for every domain.
+METHODS: dict[str, tuple[Term, ...]] = {
+    # One domain's labels train the encoder; the other heads learn on it frozen.
+    "single": (supervised.TERM,),
+    # Joint supervised training (univ-basic).
+    "basic": (supervised.TERM,),
+    # univ-cross / univ-full: the label-embedding terms on the unlabeled images.
+    "cross": (supervised.TERM, prototype.TERM, alignment.CROSS),
+    "full": (supervised.TERM, prototype.TERM, alignment.CROSS, alignment.WITHIN),
+    # The direct softmax-entropy baseline (SER).
+    "ser": (supervised.TERM, ser.TERM),
+    # Weak-to-strong consistency per domain (FixMatch / UniMatch).
+    "consistency": (supervised.TERM, consistency.TERM),
+    # Consistency plus the terms of full, aligned on the strong view.
+    "universal": (supervised.TERM, prototype.TERM, consistency.TERM,
+                  alignment.CROSS_ON_STRONG, alignment.WITHIN_ON_STRONG),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A method resolved from a config: what the step computes (static under jit).
+
+  Attributes:
+    method: its name (a key of METHODS).
+    terms: the terms that run, in order (unlabeled terms of weight 0 are left out).
+    weights: the weight of each term.
+    trained_domains: per domain, False where method "single" freezes the encoder.
+    options: term name -> its resolved options.
+    view_outputs: view -> the model flags its forward runs with (what the terms read).
+  """
+  method: str
+  terms: tuple[Term, ...]
+  weights: tuple[float, ...]
+  trained_domains: tuple[bool, ...]
+  options: Mapping[str, Any]
+  view_outputs: Mapping[str, Mapping[str, bool]]
+
+  @property
+  def uses_unlabeled(self) -> bool:
+    """Whether any term reads the unlabeled images (the pipeline loads them)."""
+    return any(t.unlabeled for t in self.terms)
+
+  @property
+  def uses_label_embeddings(self) -> bool:
+    """Whether any term reads the label embeddings (the stage computes them first)."""
+    return any(t.label_embeddings for t in self.terms)
+
+  @property
+  def uses_strong_views(self) -> bool:
+    """Whether the unlabeled batches carry strong views and CutMix boxes."""
+    return any(t.strong_views for t in self.terms)
+
+  def has(self, name: str) -> bool:
+    return any(t.name == name for t in self.terms)
+
+  def init_state(self, params, batch_stats) -> dict:
+    """The extra train-state entries of the method's terms (e.g. the EMA teacher)."""
+    extra: dict = {}
+    for term in self.terms:
+      if term.init_state is not None:
+        extra.update(term.init_state(self, params, batch_stats))
+    return extra
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def _merge_views(reads: list[Mapping[str, Mapping[str, bool]]]) -> dict[str, dict[str, bool]]:
+  """The flags of each view's forward: every output some term reads (logits off unless read)."""
+  merged: dict[str, dict[str, bool]] = {}
+  for read in reads:
+    for view, flags in read.items():
+      if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+      out = merged.setdefault(view, {"logits": False, "embedding": False,
+                                     "upsample_embedding": True})
+      out["logits"] |= flags.get("logits", False)
+      out["embedding"] |= flags.get("embedding", False)
+      if "upsample_embedding" in flags:
+        out["upsample_embedding"] = flags["upsample_embedding"]
+  return merged
+
+
+def method_spec(config: ml_collections.ConfigDict) -> MethodSpec:
+  """Resolves `config.method` and the keys its terms read; ConfigError naming a bad key."""
+  config_lib.check_choice(config, "method", METHODS)
+  names = tuple(config.domain_names)
+  terms, weights = [], []
+  for term in METHODS[config.method]:
+    weight = 1.0 if term.weight is None else float(_value(config, term.weight))
+    if weight == 0 and term.unlabeled:
+      continue  # no gradient, and the unlabeled images need not be loaded
+    terms.append(term)
+    weights.append(weight)
+  options = {t.options_key: t.options(config) for t in terms if t.options is not None}
+  trained = tuple(True for _ in names)
+  if config.method == "single":
+    source = config.single_domain or names[0]
+    trained = tuple(n == source for n in names)
+  reads = [t.reads(options.get(t.options_key)) for t in terms]
+  return MethodSpec(method=config.method, terms=tuple(terms), weights=tuple(weights),
+                    trained_domains=trained, options=options, view_outputs=_merge_views(reads))
+
+
+__all__ = ["METHODS", "MethodSpec", "Term", "DomainContext", "method_spec"]

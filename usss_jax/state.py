@@ -1,0 +1,187 @@
+"""The train state and everything it is made of: model, optimiser, initialisation, restore.
+
+One place builds what training, `Segmenter`, the analyses and the benchmarks all need:
+
+  make_model(config, num_classes)        the UniversalSegmenter of a config
+  make_optimizer(config)                 SGD + momentum, coupled weight decay, poly schedule
+  initial_state(...)                     params, BN statistics, optimiser state, step, label
+                                         embeddings, pretrained encoder, the method's extras
+  abstract_state(...)                    its shapes and placement, for restoring
+  restore(config, workdir, ...)          a run's best or latest checkpoint
+
+The state is a dict: {"params", "batch_stats", "opt_state", "step": int32 [],
+"label_embeddings": tuple of [C_d * K, D] float32, and the method's extras (e.g. "teacher")}.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from usss_jax import checkpoint as ckpt_lib
+from usss_jax import config as config_lib
+from usss_jax import convert, objectives, sharding
+from usss_jax.models import drn, layers, universal
+
+PyTree = Any
+
+
+def make_model(config: ml_collections.ConfigDict,
+               num_classes: Sequence[int]) -> universal.UniversalSegmenter:
+  """The universal model of `config`: encoder, one head per domain, entropy module."""
+  config_lib.check_choice(config, "encoder", drn.ENCODERS)
+  config_lib.check_choice(config, "dtype", universal.COMPUTE_DTYPES)
+  config_lib.check_choice(config, "upsample", layers.UPSAMPLE_MODES)
+  config_lib.check_choice(config, "conv_weight_grad", layers.WEIGHT_GRADS)
+  if config.encoder_channels and len(config.encoder_channels) != 8:
+    raise config_lib.ConfigError(f"config.encoder_channels={tuple(config.encoder_channels)}: "
+                                 "expected 8 widths, or () for the encoder's own")
+  return universal.UniversalSegmenter(
+      encoder=config.encoder,
+      encoder_channels=tuple(config.encoder_channels) or None,
+      num_classes=tuple(int(c) for c in num_classes),
+      embedding_dim=int(config.embedding_dim),
+      upsample=config.upsample,
+      conv_weight_grad=config.conv_weight_grad,
+      dtype=universal.COMPUTE_DTYPES[config.dtype])
+
+
+def poly_schedule(base_lr: float, power: float, total_steps: int) -> Callable:
+  """lr(t) = base_lr * (1 - t / total_steps) ** power, 0 from total_steps on.
+
+  Written out rather than optax.polynomial_schedule because under jit on XLA:CPU
+  `0.0 ** 0.9` evaluates to NaN, which would poison any step past the end.
+  """
+  def schedule(count):
+    # Compare the integer count: XLA may turn "/ total_steps" into a multiplication by
+    # its reciprocal, leaving 1 - t/T slightly above 0 at t = T.
+    running = count < total_steps
+    frac = jnp.where(running, 1.0 - count / total_steps, 1.0)
+    return jnp.where(running, base_lr * frac ** power, 0.0)
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                               Callable]:
+  """SGD with momentum, PyTorch-style coupled weight decay and a per-step poly schedule."""
+  schedule = poly_schedule(config.learning_rate, config.poly_power, config.total_steps)
+  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                   optax.sgd(schedule, momentum=config.momentum))
+  return tx, schedule
+
+
+def init_rng(seed: int) -> jax.Array:
+  """The parameter-initialisation key.
+
+  The "rbg" generator compiles the many random draws of a DRN init in seconds
+  where the default threefry takes tens of seconds on CPU; it is deterministic
+  for a given seed and backend.
+  """
+  return jax.random.key(seed, impl="rbg")
+
+
+def placeholder_embeddings(config: ml_collections.ConfigDict,
+                           num_classes: Sequence[int]) -> list[np.ndarray]:
+  """Zero label embeddings of the state's shape, for methods that do not use them."""
+  dim = max(int(config.embedding_dim), 1)
+  return [np.zeros((c * int(config.embeddings_per_class), dim), np.float32)
+          for c in num_classes]
+
+
+def model_variables(state: dict) -> dict:
+  """The {"params", "batch_stats"} of a train state (what the model's apply takes)."""
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def _model_state(model, tx, rng: jax.Array, input_hw: tuple[int, int],
+                 label_embeddings: Sequence[jax.Array]) -> dict:
+  dummy = jnp.zeros((1, *input_hw, 3), jnp.float32)
+  variables = model.init(rng, dummy, train=False)
+  params = variables["params"]
+  return {"params": params, "batch_stats": variables.get("batch_stats", {}),
+          "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "label_embeddings": tuple(jnp.asarray(e, jnp.float32) for e in label_embeddings)}
+
+
+def _with_method_state(spec: objectives.MethodSpec, state: dict) -> dict:
+  return {**state, **spec.init_state(state["params"], state["batch_stats"])}
+
+
+def load_pretrained_encoder(config: ml_collections.ConfigDict, state: dict) -> dict:
+  """Replaces the encoder's variables with converted DRN weights (`config.pretrained`)."""
+  encoder = drn.make_encoder(config.encoder, tuple(config.encoder_channels) or None)
+  converted = convert.drn_variables_from_torch(convert.load_state_dict(config.pretrained), encoder)
+  params = dict(state["params"])
+  params["encoder"] = jax.tree.map(jnp.asarray, converted["params"])
+  batch_stats = dict(state["batch_stats"])
+  batch_stats["encoder"] = jax.tree.map(jnp.asarray, converted["batch_stats"])
+  return {**state, "params": params, "batch_stats": batch_stats}
+
+
+def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives.MethodSpec,
+                  input_hw: tuple[int, int], label_embeddings: Sequence[np.ndarray],
+                  placement: NamedSharding) -> dict:
+  """The state at step 0, placed on `placement`: random init (seed `config.seed`), the
+  pretrained encoder if `config.pretrained` names one, then the method's extras (a teacher
+  starts as a copy of the model *with* the pretrained encoder)."""
+  init = functools.partial(_model_state, model, tx, input_hw=tuple(input_hw),
+                           label_embeddings=tuple(label_embeddings))
+  state = jax.jit(init, out_shardings=placement)(init_rng(config.seed))
+  if config.pretrained:
+    state = jax.device_put(load_pretrained_encoder(config, state), placement)
+  return jax.jit(functools.partial(_with_method_state, spec), out_shardings=placement)(state)
+
+
+def abstract_state(config: ml_collections.ConfigDict, model, tx, spec: objectives.MethodSpec,
+                   input_hw: tuple[int, int], num_classes: Sequence[int],
+                   placement: NamedSharding) -> PyTree:
+  """ShapeDtypeStructs (with `placement`) of the state `initial_state` makes: what a
+  checkpoint of the run restores into."""
+  def init(rng):
+    state = _model_state(model, tx, rng, tuple(input_hw),
+                         placeholder_embeddings(config, num_classes))
+    return _with_method_state(spec, state)
+  return sharding.abstract_like(jax.eval_shape(init, init_rng(0)), placement)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: Sequence[int],
+            input_hw: tuple[int, int], *, which: str = "best",
+            placement: NamedSharding | None = None) -> tuple[Any, dict, int]:
+  """(model, train state, step) of `workdir`'s best (else latest) or latest checkpoint.
+
+  Needs no dataset: the state's shapes follow from the config, the classes per domain and
+  the training crop.
+
+  Args:
+    which: "best" (falls back to the latest when no best exists) or "latest".
+    placement: where the restored arrays go; default replicated over all devices.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint directory; train first "
+                                   f"(python launch.py --config=... --workdir={workdir})")
+  model = make_model(config, num_classes)
+  tx, _ = make_optimizer(config)
+  placement = placement or sharding.replicated(sharding.make_mesh())
+  abstract = abstract_state(config, model, tx, objectives.method_spec(config), input_hw,
+                            num_classes, placement)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+  try:
+    best = which == "best" and bool(checkpointer.all_steps(best=True))
+    if not best and checkpointer.latest_step() is None:
+      raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
+    state, _ = checkpointer.restore(abstract, best=best)
+  finally:
+    checkpointer.close()
+  return model, state, int(jax.device_get(state["step"]))
