@@ -22,16 +22,13 @@ def tree_bytes(root):
 
 @pytest.fixture(scope="module")
 def default_demo(tmp_path_factory):
-  """The default-sized demo, generated once, with its generation time."""
+  """The default-sized demo, generated once (its generation time is in benchmarks/)."""
   root = tmp_path_factory.mktemp("demo")
-  start = time.perf_counter()
-  paths = demo.ensure_demo_data(str(root))
-  return root, paths, time.perf_counter() - start
+  return root, demo.ensure_demo_data(str(root))
 
 
-def test_default_generation_is_fast_and_complete(default_demo):
-  root, paths, seconds = default_demo
-  assert seconds < 3.0
+def test_default_generation_is_complete(default_demo):
+  root, paths = default_demo
   assert paths == {"street": str(root / "street"), "indoor": str(root / "indoor")}
   for domain in ("street", "indoor"):
     for split, count in (("train", 48), ("val", 16)):
@@ -50,7 +47,7 @@ def read_domain(path, split):
 
 
 def test_label_sets_and_value_ranges(default_demo):
-  _, paths, _ = default_demo
+  _, paths = default_demo
   street, street_train = read_domain(paths["street"], "train")
   indoor, indoor_train = read_domain(paths["indoor"], "train")
   assert street.spec.name == "street" and indoor.spec.name == "indoor"
@@ -70,7 +67,7 @@ def test_label_sets_and_value_ranges(default_demo):
 
 
 def test_shared_structure_top_bright_bottom_flat(default_demo):
-  _, paths, _ = default_demo
+  _, paths = default_demo
   for domain, top_class, bottom_class in (("street", 0, 2), ("indoor", 0, 2)):
     _, loaded = read_domain(paths[domain], "train")
     labels = np.stack([ex["label"] for ex in loaded])
@@ -85,7 +82,7 @@ def test_shared_structure_top_bright_bottom_flat(default_demo):
 def test_colour_alone_is_not_enough(default_demo):
   """The best colour-only classifier (class majority per 32-level colour bin,
   fitted on train) stays well below what a CNN can reach on val."""
-  _, paths, _ = default_demo
+  _, paths = default_demo
   for domain in ("street", "indoor"):
     bins = 8
     def flat(split):

@@ -63,31 +63,48 @@ def test_consistency_cross_entropy_matches_numpy(threshold):
   np.testing.assert_allclose(g, (_softmax(logits) - onehot) * weight, atol=1e-6)
 
 
-def _numpy_im(scores, mask=None):
+def _numpy_im(scores, mask=None, prior=None):
+  """float64: E[H(p)] over the masked pixels; the batch mean E[p] over *every* pixel."""
   p = _softmax(scores).reshape(-1, scores.shape[-1])
   m = np.ones(len(p), bool) if mask is None else np.asarray(mask).reshape(-1)
   h = -np.sum(p * np.log(p), -1)
   mean_h = h[m].mean()
-  pbar = p[m].mean(0)
+  pbar = p.mean(0)
   marginal = -np.sum(pbar * np.log(pbar))
-  return mean_h - marginal, mean_h, marginal
+  if prior is None:
+    return mean_h - marginal, mean_h, marginal
+  return mean_h + np.sum(pbar * np.log(pbar / prior)), mean_h, marginal
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_information_maximization_matches_numpy_and_its_gradient(masked):
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_information_maximization_matches_numpy_and_its_gradient(masked, with_prior):
   scores = _rng_logits(5, (2, 4, 5, 6))
   mask = (np.random.default_rng(6).random((2, 4, 5)) > 0.3) if masked else None
-  got = losses.information_maximization(jnp.asarray(scores), mask)
-  want = _numpy_im(scores, mask)
+  prior = np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05]) if with_prior else None
+  got = losses.information_maximization(jnp.asarray(scores), mask, prior)
+  want = _numpy_im(scores, mask, prior)
   np.testing.assert_allclose([float(v) for v in got], want, rtol=1e-5)
-  fn = jax.jit(lambda s: losses.information_maximization(s, mask)[0])
+  fn = jax.jit(lambda s: losses.information_maximization(s, mask, prior)[0])
   g = np.asarray(jax.grad(fn)(jnp.asarray(scores)), np.float64)
   # Central finite differences on a few coordinates (float64 reference of the loss).
   for idx in [(0, 0, 0, 0), (1, 3, 4, 5), (0, 2, 1, 3)]:
     e = np.zeros_like(scores, np.float64)
     e[idx] = 1e-4
-    num = (_numpy_im(scores + e, mask)[0] - _numpy_im(scores - e, mask)[0]) / 2e-4
+    num = (_numpy_im(scores + e, mask, prior)[0] - _numpy_im(scores - e, mask, prior)[0]) / 2e-4
     np.testing.assert_allclose(g[idx], num, rtol=2e-3, atol=1e-6)
+
+
+def test_the_confidence_mask_leaves_the_batch_mean_over_every_pixel():
+  """The bug of issue 17: the mask (alignment_threshold) also restricted H(E[p])."""
+  scores = np.zeros((1, 1, 2, 2), np.float32)
+  scores[0, 0, 0] = [8.0, 0.0]   # confident, class 0
+  scores[0, 0, 1] = [0.0, 0.1]   # unconfident, leaning to class 1
+  confident = np.array([[[True, False]]])
+  _, _, diversity = losses.information_maximization(jnp.asarray(scores), confident)
+  pbar = _softmax(scores).reshape(-1, 2).mean(0)  # both pixels
+  np.testing.assert_allclose(float(diversity), -np.sum(pbar * np.log(pbar)), rtol=1e-5)
+  assert float(diversity) > 0.5  # the confident pixel alone would give ~0.003
 
 
 def test_information_maximization_prefers_confident_and_diverse_over_collapse():
@@ -106,11 +123,20 @@ def test_ema_teacher_ramps_its_decay_and_copies_integers():
   teacher = {"params": {"w": jnp.ones(3)}, "batch_stats": {"n": jnp.asarray(2, jnp.int32),
                                                           "mean": jnp.zeros(3)}}
   student = jnp.full(3, 3.0)
-  for step, decay in ((0, 0.99), (5, 0.99), (1000, 0.99)):
-    d = min(decay, (step + 1) / (step + 10))
+  fixed = consistency.ConsistencyOptions(ema_decay=0.99)
+  ramped = consistency.ConsistencyOptions(ema_decay=0.999, ema_decay_start=0.99,
+                                          ema_decay_rampup=1000)
+  for step in (0, 5, 500, 1000, 3000):
+    d = min(0.99, (step + 1) / (step + 10))
+    np.testing.assert_allclose(consistency.teacher_decay(jnp.asarray(step), fixed), d,
+                               rtol=1e-6)
+    # 0.99 -> 0.999 linearly over 1000 steps, still capped by the early ramp.
+    d_ramped = min(0.99 + 0.009 * min(step / 1000, 1.0), (step + 1) / (step + 10))
+    np.testing.assert_allclose(consistency.teacher_decay(jnp.asarray(step), ramped), d_ramped,
+                               rtol=1e-6)
     out = consistency.ema_teacher(teacher, {"w": student},
-                                 {"n": jnp.asarray(7, jnp.int32), "mean": jnp.ones(3)},
-                                 jnp.asarray(step), decay)
+                                  {"n": jnp.asarray(7, jnp.int32), "mean": jnp.ones(3)},
+                                  consistency.teacher_decay(jnp.asarray(step), fixed))
     np.testing.assert_allclose(out["params"]["w"], d * 1.0 + (1 - d) * 3.0, rtol=1e-6)
     np.testing.assert_allclose(out["batch_stats"]["mean"], 1 - d, rtol=1e-5)
     assert int(out["batch_stats"]["n"]) == 7

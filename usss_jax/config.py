@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 
 import jax
 import ml_collections
 
+from usss_jax import files
 from usss_jax.data import strong_augment
 
 # config.<key> values that are global batch sizes per domain (split over the devices).
@@ -126,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ser_weight = 1.0   # weight of the decoder softmax entropy (method "ser")
   c.single_domain = ""  # method "single": the domain whose labels train the encoder ("" = first)
   c.seed = 0
+  c.split_seed = -1    # seed of the labeled/unlabeled split (-1: config.seed)
   c.num_labeled = 100  # labeled images per domain (<= 0: all)
   c.unlabeled_includes_labeled = False  # the reference put the labeled images in the pool too
 
@@ -136,6 +139,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.encoder = "drn_d_22"
   c.encoder_channels = ()  # () = the named encoder's widths; 8 ints for custom/tiny models
   c.pretrained = ""        # ImageNet DRN weights (.npz, or .pth with torch installed)
+  # A run directory: the model starts from its latest checkpoint (parameters and BN statistics
+  # of a run with the same domains and model, e.g. a finished "basic" run).
+  c.init_from = ""
+  # steps > 0: first a supervised (basic) run of that many steps in <workdir>/warm_start, which
+  # the run then starts from (usss_jax/warm_start_stage.py).
+  c.warm_start = ml_collections.ConfigDict(dict(steps=0))
   c.embedding_dim = 128
   c.embeddings_per_class = 1  # K prototypes per class (K-means when > 1)
   c.upsample = "transposed"   # "transposed" (reference, attenuated border) | "resize"
@@ -143,12 +152,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.conv_weight_grad = "auto"  # auto | xla | taps: how convs compute kernel gradients (speed only)
 
   # Entropy module options (defaults = reference).
-  c.alignment = "reference"   # reference (the paper's code) | infomax (cosine, E[H] - H(E[p]))
+  # reference (the paper's code) | infomax (cosine, E[H] - H(E[p])) | infomax_prior (cosine,
+  # E[H] + KL(E[p] || labeled class frequencies): the batch follows the labeled class mix).
+  c.alignment = "reference"
   c.temperature = 1.0         # scores are divided by it (infomax: cosine / temperature)
   c.normalize_pixels = False  # reference alignment only: cosine instead of the dot product
   c.alignment_threshold = 0.0  # infomax: pixels less confident than this leave E[H(p)]
+  c.alignment_view = ""  # "" (the method's) | unlabeled | weak | strong: what the terms score
   c.prototype_loss_weight = 0.0  # cross entropy of labeled pixels' prototype scores
   c.prototype_reduction = "none"  # none | max | logsumexp (for K > 1)
+
+  # Every unlabeled term: a supervised-only warm-up (the unlabeled forwards are skipped), then
+  # a sigmoid ramp of its weight, weight x exp(-5 (1 - t / rampup_steps)^2) (Laine & Aila).
+  c.unlabeled = ml_collections.ConfigDict(dict(warmup_steps=0, rampup_steps=0))
 
   # Weak-to-strong consistency (methods consistency, universal): pseudo-labels of the weak
   # view (the training crop) supervise the strong view (same crop, photometric noise, CutMix
@@ -156,8 +172,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.consistency = ml_collections.ConfigDict(dict(
       weight=1.0,
       threshold=0.95,
-      teacher="student",  # student (the model, train-mode BN) | ema (EMA weights, eval BN)
+      # fixed: `threshold` for every class | freematch: self-adaptive, the running mean
+      # confidence scaled per class by the running class probabilities (FreeMatch).
+      threshold_rule="fixed",
+      # Teacher probabilities x (labeled class frequencies / their running mean), renormalised
+      # (distribution alignment, ReMixMatch): pseudo-labels follow the labeled class mix.
+      distribution_alignment=False,
+      class_stats_momentum=0.999,  # running means of the teacher's confidence and classes
+      # student: the model, train-mode BN | ema: EMA weights, eval-mode BN | ema_train_bn: EMA
+      # weights, BN on the weak batch | frozen: the initial model (init_from / pretrained).
+      teacher="student",
       ema_decay=0.99,
+      ema_decay_start=-1.0,  # >= 0: the decay ramps linearly from it to ema_decay ...
+      ema_decay_rampup=0,    # ... over these steps
   ))
   c.strong_augment = ml_collections.ConfigDict(
       dataclasses.asdict(strong_augment.StrongAugmentConfig()))  # data/strong_augment.py
@@ -200,6 +227,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_max_examples = -1     # -1: the whole split
   c.miou_convention = "standard"  # standard (absent classes excluded) | reference (count as 0)
   return c
+
+
+def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
+               ) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`), else `fallback`.
+
+  Keys added to the defaults after the run was trained take their default values.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    if fallback is None:
+      raise FileNotFoundError(f"{path}: no such file; is {workdir} a run directory?")
+    return fallback
+
+  def merge(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for key, value in saved.items():
+      out[key] = (merge(defaults[key], value)
+                  if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
+    return out
+  defaults = json.loads(base_config().to_json())
+  return ml_collections.ConfigDict(merge(defaults, files.read_json(path, "run's config")))
 
 
 def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
@@ -252,6 +301,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "eval_every", "checkpoint_every", "log_every"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive")
+
+
+def split_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the labeled/unlabeled split: config.split_seed, or config.seed when -1."""
+  return int(config.seed if config.get("split_seed", -1) < 0 else config.split_seed)
 
 
 def global_batch(config: ml_collections.ConfigDict, key: str) -> int:

@@ -16,6 +16,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from usss_jax import config as config_lib
 from usss_jax import files
 from usss_jax.data import demo, registry, splits
 from usss_jax.data.base import DataError, DatasetReader, DatasetSpec, Example
@@ -156,7 +157,8 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
       # Validation data carved out of the training split, the same for every run.
       held_out, train_examples = splits.hold_out(train_examples, dc.holdout)
     split = splits.load_or_make_split(
-        train_examples, os.path.join(workdir, "splits"), name, config.num_labeled, config.seed,
+        train_examples, os.path.join(workdir, "splits"), name, config.num_labeled,
+        config_lib.split_seed(config),
         unlabeled_includes_labeled=config.unlabeled_includes_labeled)
     eval_examples = held_out if dc.eval_split == "holdout" else listed_eval
     for split_name, skipped in (getattr(reader, "skipped", None) or {}).items():

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from usss_jax import config as config_lib
 from usss_jax import inference, metrics, sharding
+from usss_jax import state as state_lib
 from usss_jax.data.base import IGNORE_LABEL
 from usss_jax.domains import Domain
 
@@ -134,10 +135,12 @@ def summary(results: dict, names: Sequence[str]) -> dict:
 
 class Evaluator:
   """What the training loop calls at evaluation steps: mIoU of every domain with evaluation
-  examples, the TensorBoard prediction panels, and the console line.
+  examples, the TensorBoard prediction panels, and the console line. A state with a teacher
+  (consistency's EMA or frozen teacher) has the teacher evaluated too ("teacher" in the
+  summary and the results).
 
-  Returns {"results": `evaluate_domains`, "summary": `summary`, "mean_miou", "images",
-  "line"}.
+  Returns {"results": `evaluate_domains`, "summary": `summary`, "mean_miou" (the model's),
+  "images", "line"}.
   """
 
   def __init__(self, model, domains: Sequence[Domain], config):
@@ -145,19 +148,28 @@ class Evaluator:
     self.names = [d.name for d in domains]
     self.domains = [d for d in domains if d.eval_examples]
 
-  def __call__(self, variables: dict) -> dict:
+  def _evaluate(self, variables: dict) -> dict:
     c = self.config
-    results = evaluate_domains(self.model, variables, self.domains,
-                               batch_size=config_lib.global_batch(c, "eval_batch"),
-                               normalization=c.normalization,
-                               miou_convention=c.miou_convention)
-    images = (prediction_panels(self.model, variables, self.domains,
-                                normalization=c.normalization)
-              if jax.process_index() == 0 else {})
+    return evaluate_domains(self.model, variables, self.domains,
+                            batch_size=config_lib.global_batch(c, "eval_batch"),
+                            normalization=c.normalization, miou_convention=c.miou_convention)
+
+  def __call__(self, state: dict) -> dict:
+    variables = state_lib.model_variables(state)
+    results = self._evaluate(variables)
+    report = summary(results, self.names)
     line = " ".join(f"{n}={results[n]['miou']:.4f}" for n in self.names if n in results)
-    return {"results": results, "summary": summary(results, self.names),
-            "mean_miou": results["mean_miou"], "images": images,
-            "line": f"mIoU {line} mean={results['mean_miou']:.4f}"}
+    line = f"mIoU {line} mean={results['mean_miou']:.4f}"
+    if "teacher" in state:
+      teacher = self._evaluate(state["teacher"])
+      results["teacher"] = teacher
+      report["teacher"] = summary(teacher, self.names)
+      line += f" (teacher mean={teacher['mean_miou']:.4f})"
+    images = (prediction_panels(self.model, variables, self.domains,
+                                normalization=self.config.normalization)
+              if jax.process_index() == 0 else {})
+    return {"results": results, "summary": report, "mean_miou": results["mean_miou"],
+            "images": images, "line": line}
 
 
 def prediction_panels(model, variables, domains: Sequence[Domain], *, normalization: str,

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from usss_jax import cli, modes, segmenter, workdir as workdir_lib
+from usss_jax import cli, modes, workdir as workdir_lib
 from usss_jax import config as config_lib
 
 MODES = ["train", "embed", "eval", "predict", "config"]
@@ -96,7 +96,7 @@ def resolve_config(mode: str, workdir: str | None,
   """The config a mode runs with: --config, or for eval/predict the run's config.json."""
   if mode in ("eval", "predict") and workdir and os.path.exists(
       os.path.join(workdir, "config.json")):
-    trained = segmenter.run_config(workdir)
+    trained = config_lib.run_config(workdir)
     if given is None:
       return trained
     differing = config_differences(trained, given)

@@ -249,7 +249,8 @@ def cutmix(x: jax.Array, mask: jax.Array, partner: jax.Array) -> jax.Array:
 
 
 def consistency_cross_entropy(logits: jax.Array, labels: jax.Array, confidence: jax.Array, *,
-                              threshold: float, valid: jax.Array | None = None) -> jax.Array:
+                              threshold: float | jax.Array,
+                              valid: jax.Array | None = None) -> jax.Array:
   """FixMatch's unlabeled loss: cross entropy against confident pseudo-labels.
 
   Pixels whose pseudo-label confidence is below `threshold` contribute 0; the sum is divided
@@ -260,7 +261,8 @@ def consistency_cross_entropy(logits: jax.Array, labels: jax.Array, confidence: 
     logits: [B, H, W, C] student scores on the strong view.
     labels: [B, H, W] int pseudo-labels (of the weak view, mixed like the strong view).
     confidence: [B, H, W] float their confidence.
-    threshold: confidence in [0, 1] from which a pseudo-label counts.
+    threshold: confidence in [0, 1] from which a pseudo-label counts: a scalar, or [B, H, W]
+      (per pixel, e.g. the threshold of its pseudo-label's class).
     valid: optional [B, H, W] bool of pixels that exist (not crop padding).
   Returns:
     Scalar float32.
@@ -271,28 +273,33 @@ def consistency_cross_entropy(logits: jax.Array, labels: jax.Array, confidence: 
   return _masked_mean(nll * jax.lax.stop_gradient(weight), valid)
 
 
-def information_maximization(scores: jax.Array, mask: jax.Array | None = None
+def information_maximization(scores: jax.Array, confident: jax.Array | None = None,
+                             prior: jax.Array | None = None
                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """E[H(p)] - H(E[p]) of softmax(scores) over a batch's pixels (SHOT / IIC's IM loss).
+  """E[H(p)] - H(E[p]) (or E[H(p)] + KL(E[p] || prior)) of softmax(scores) over a batch.
 
   Minimising the mean per-pixel entropy alone can put every pixel on one label; subtracting
   the entropy of the batch-mean distribution (its diversity) rules that out: the minimum is
-  confident pixels spread over all labels.
+  confident pixels spread over all labels, *uniformly* (SHOT / IIC's IM loss). With `prior`,
+  the batch mean is pulled towards that class distribution instead (e.g. the labeled images'
+  class frequencies): E[H(p)] + KL(E[p] || prior).
 
   Args:
     scores: [B, H, W, M] similarity scores (already divided by a temperature).
-    mask: optional [B, H, W] bool of pixels that count in both terms.
+    confident: optional [B, H, W] bool: only these pixels count in E[H(p)] (the batch mean
+      E[p] is over every pixel, so that unconfident pixels still spread).
+    prior: optional [M] probabilities.
   Returns:
     (loss, mean per-pixel entropy, entropy of the mean distribution), scalars float32.
   """
   log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
   probs = jnp.exp(log_probs)
   pixel_entropy = -jnp.sum(probs * log_probs, axis=-1)
-  if mask is None:
-    mean_probs = jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0)
-  else:
-    weight = mask.astype(jnp.float32)[..., None]
-    mean_probs = jnp.sum(probs * weight, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(weight), 1.0)
-  marginal_entropy = -jnp.sum(mean_probs * jnp.log(jnp.maximum(mean_probs, 1e-12)))
-  mean_entropy = _masked_mean(pixel_entropy, mask)
-  return mean_entropy - marginal_entropy, mean_entropy, marginal_entropy
+  mean_probs = jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0)
+  log_mean = jnp.log(jnp.maximum(mean_probs, 1e-12))
+  marginal_entropy = -jnp.sum(mean_probs * log_mean)
+  mean_entropy = _masked_mean(pixel_entropy, confident)
+  if prior is None:
+    return mean_entropy - marginal_entropy, mean_entropy, marginal_entropy
+  divergence = jnp.sum(mean_probs * (log_mean - jnp.log(jnp.maximum(prior, 1e-12))))
+  return mean_entropy + divergence, mean_entropy, marginal_entropy

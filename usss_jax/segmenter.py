@@ -7,43 +7,19 @@ dataset needs to be on disk. Images of one size share one compiled forward (per 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence, Union
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from usss_jax import config as config_lib
-from usss_jax import files, inference, sharding
+from usss_jax import inference, sharding
 from usss_jax import state as state_lib
 from usss_jax.data.base import load_rgb
 from usss_jax.domains import LabelSpace, load_label_spaces
 
 Image = Union[np.ndarray, str, os.PathLike]
-
-
-def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
-               ) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`), else `fallback`.
-
-  Keys added to the defaults after the run was trained take their default values.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    if fallback is None:
-      raise FileNotFoundError(f"{path}: no such file; is {workdir} a run directory?")
-    return fallback
-
-  def merge(defaults: dict, saved: dict) -> dict:
-    out = dict(defaults)
-    for key, value in saved.items():
-      out[key] = (merge(defaults[key], value)
-                  if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
-    return out
-  defaults = json.loads(config_lib.base_config().to_json())
-  return ml_collections.ConfigDict(merge(defaults, files.read_json(path, "run's config")))
 
 
 class Segmenter:
@@ -76,7 +52,7 @@ class Segmenter:
         "latest".
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = run_config(workdir)
+    config = config_lib.run_config(workdir)
     spaces = load_label_spaces(workdir)
     model, state, step = state_lib.restore(
         config, workdir, [s.num_classes for s in spaces], spaces[0].crop_hw, which=checkpoint,

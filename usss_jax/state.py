@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from usss_jax import checkpoint as ckpt_lib
 from usss_jax import config as config_lib
-from usss_jax import convert, objectives, sharding
+from usss_jax import convert, domains, objectives, sharding
 from usss_jax.models import drn, layers, universal
 
 PyTree = Any
@@ -126,17 +126,37 @@ def load_pretrained_encoder(config: ml_collections.ConfigDict, state: dict) -> d
   return {**state, "params": params, "batch_stats": batch_stats}
 
 
+def load_run(config: ml_collections.ConfigDict, state: dict, workdir: str) -> dict:
+  """`state` with the parameters and BN statistics of `workdir`'s latest checkpoint (a run
+  with the same domains and model, whatever its method)."""
+  num_classes = [state["params"][f"head_{d}"]["kernel"].shape[-1]
+                 for d in range(len(config.domain_names))]
+  other = config_lib.run_config(workdir)
+  _, restored, _ = restore(other, workdir, num_classes,
+                           domains.load_label_spaces(workdir)[0].crop_hw, which="latest")
+  for key in ("params", "batch_stats"):
+    want = jax.tree.map(np.shape, state[key])
+    got = jax.tree.map(np.shape, restored[key])
+    if want != got:
+      raise config_lib.ConfigError(f"config.init_from={workdir}: its model differs from this "
+                                   f"run's ({key} of other shapes or names); start from a run "
+                                   "of the same domains, encoder and embedding_dim")
+  return {**state, "params": restored["params"], "batch_stats": restored["batch_stats"]}
+
+
 def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives.MethodSpec,
                   input_hw: tuple[int, int], label_embeddings: Sequence[np.ndarray],
                   placement: NamedSharding) -> dict:
   """The state at step 0, placed on `placement`: random init (seed `config.seed`), the
-  pretrained encoder if `config.pretrained` names one, then the method's extras (a teacher
-  starts as a copy of the model *with* the pretrained encoder)."""
+  pretrained encoder if `config.pretrained` names one, the model of `config.init_from`'s run if
+  given, then the method's extras (a teacher starts as a copy of that model)."""
   init = functools.partial(_model_state, model, tx, input_hw=tuple(input_hw),
                            label_embeddings=tuple(label_embeddings))
   state = jax.jit(init, out_shardings=placement)(init_rng(config.seed))
   if config.pretrained:
     state = jax.device_put(load_pretrained_encoder(config, state), placement)
+  if config.get("init_from"):
+    state = jax.device_put(load_run(config, state, config.init_from), placement)
   return jax.jit(functools.partial(_with_method_state, spec), out_shardings=placement)(state)
 
 

@@ -36,8 +36,8 @@ from usss_jax.domains import Domain, save_label_spaces
 
 log = logging.getLogger("usss_jax")
 
-# (variables {"params", "batch_stats"}) -> {"mean_miou", "summary" (metrics.jsonl / TensorBoard),
-# "images" (TensorBoard panels), "line" (the console)}; see evaluate.Evaluator.
+# (train state) -> {"results", "mean_miou", "summary" (metrics.jsonl / TensorBoard), "images"
+# (TensorBoard panels), "line" (the console)}; see evaluate.Evaluator.
 Evaluator = Callable[[dict], dict]
 
 
@@ -200,7 +200,7 @@ class _Loop:
 
   def evaluate(self, step: int, state: dict) -> None:
     """Evaluates, logs the report and keeps the state if it is the best so far."""
-    report = self.evaluator(state_lib.model_variables(state))
+    report = self.evaluator(state)
     if self.writer is not None and self.writer.enabled:
       self.writer.write_eval(step, report["summary"])
       self.writer.write_images(step, report["images"])

@@ -44,22 +44,32 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
   def loss_fn(params, state, batch):
     batch_stats, metrics, aux = state["batch_stats"], {}, []
     per_term = [[] for _ in spec.terms]
+    unlabeled_scale = spec.unlabeled_scale(state["step"])
+    if spec.schedules_unlabeled:
+      metrics["unlabeled_weight"] = unlabeled_scale
     for d, name in enumerate(domain_names):
       ctx = DomainContext(model, spec, d, name, spec.trained_domains[d], state)
-      for i, term in enumerate(spec.terms):
-        if term.unlabeled and "unlabeled" not in batch[name]:
-          continue
-        loss, batch_stats, term_metrics = term.loss(params, batch_stats, batch[name], ctx)
-        metrics.update(term_metrics)
+      labeled = [i for i, t in enumerate(spec.terms) if not t.unlabeled]
+      losses, batch_stats, domain_metrics = _run_terms(
+          [spec.terms[i] for i in labeled], params, batch_stats, batch[name], ctx)
+      unlabeled = [i for i, t in enumerate(spec.terms) if t.unlabeled]
+      if unlabeled and "unlabeled" in batch[name]:
+        more, batch_stats, unlabeled_metrics = _unlabeled_terms(
+            spec, [spec.terms[i] for i in unlabeled], params, batch_stats, batch[name], ctx)
+        labeled, losses = labeled + unlabeled, losses + more
+        domain_metrics.update(unlabeled_metrics)
+      metrics.update(domain_metrics)
+      for i, loss in zip(labeled, losses):
         if loss is not None and spec.weights[i] != 0:
           per_term[i].append(loss)
-          metrics[f"{term.name}/{name}"] = loss
+          metrics[f"{spec.terms[i].name}/{name}"] = loss
       aux.append(ctx.aux)
-    zero = jnp.zeros((), jnp.float32)
-    total = None
-    for weight, losses in zip(spec.weights, per_term):
+    zero, total = jnp.zeros((), jnp.float32), None
+    for term, weight, losses in zip(spec.terms, spec.weights, per_term):
       if losses:
         weighted = weight * sum(losses, zero)
+        if term.unlabeled and spec.schedules_unlabeled:
+          weighted = unlabeled_scale * weighted
         total = weighted if total is None else total + weighted
     metrics["loss"] = zero if total is None else total
     return metrics["loss"], (batch_stats, metrics, tuple(aux))
@@ -77,6 +87,47 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
     return new_state, metrics
 
   return train_step
+
+
+def _run_terms(terms, params, batch_stats, domain_batch: dict, ctx: DomainContext):
+  """(each term's loss or None, batch_stats, metrics) of `terms` on one domain's batch."""
+  losses, metrics = [], {}
+  for term in terms:
+    loss, batch_stats, term_metrics = term.loss(params, batch_stats, domain_batch, ctx)
+    losses.append(loss)
+    metrics.update(term_metrics)
+  return losses, batch_stats, metrics
+
+
+def _unlabeled_terms(spec: MethodSpec, terms, params, batch_stats, domain_batch: dict,
+                     ctx: DomainContext):
+  """`_run_terms` of the unlabeled terms; during the warm-up they are skipped (losses and
+  metrics 0, no forward, batch_stats unchanged). ctx.aux["unlabeled_ran"] says which."""
+  present = []
+
+  def run(params, batch_stats):
+    local = ctx.fork()
+    losses, batch_stats, metrics = _run_terms(terms, params, batch_stats, domain_batch, local)
+    present[:] = [loss is not None for loss in losses]
+    added = {k: v for k, v in local.aux.items() if k not in ctx.aux}  # the unlabeled terms' own
+    return [l for l in losses if l is not None], batch_stats, metrics, added
+
+  step = ctx.state["step"]
+  if spec.warmup_steps:
+    shapes = jax.eval_shape(run, params, batch_stats)
+
+    def skip(params, batch_stats):
+      del params
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      return zeros[0], batch_stats, zeros[2], zeros[3]
+    ran = step >= spec.warmup_steps
+    losses, batch_stats, metrics, aux = jax.lax.cond(ran, run, skip, params, batch_stats)
+  else:
+    ran = jnp.ones((), bool)
+    losses, batch_stats, metrics, aux = run(params, batch_stats)
+  ctx.aux.update(aux, unlabeled_ran=ran)
+  losses = iter(losses)
+  return [next(losses) if p else None for p in present], batch_stats, metrics
 
 
 def jit_train_step(train_step, mesh: Mesh | None):

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from usss_jax import files, inference, label_embedding_stage, metrics, modes, segmenter, sharding
+from usss_jax import config as config_lib
+from usss_jax import files, inference, label_embedding_stage, metrics, modes, sharding
 from usss_jax import state as state_lib
 from usss_jax.analysis import plots, scores
 from usss_jax.data import transforms
@@ -326,7 +327,7 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
   runs = [(workdir, config)]
   if compare_workdir:
     runs.append((compare_workdir,
-                 compare_config or segmenter.run_config(compare_workdir, config)))
+                 compare_config or config_lib.run_config(compare_workdir, config)))
   labels = [s for s in labels if s]
   if labels and len(labels) != len(runs):
     raise ValueError(f"--labels names {len(labels)} panels ({labels}) but there are "
@@ -343,7 +344,7 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
         max_images=max_images)
     points = scores.tsne_points(feats, seed=seed, perplexity=perplexity)
     # The method the run trained with (a --config.method override is not in the file).
-    method = segmenter.run_config(run_dir, run_config).get("method", run_config.method)
+    method = config_lib.run_config(run_dir, run_config).get("method", run_config.method)
     title = labels[r] if labels else (
         f"{os.path.basename(os.path.normpath(run_dir))} ({method}, step {step})")
     panels.append(plots.TsnePanel(title, points, dom_ids, cls_ids,

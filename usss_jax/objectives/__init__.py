@@ -27,14 +27,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from usss_jax import config as config_lib
-from usss_jax.objectives import alignment, consistency, prototype, ser, supervised
+from usss_jax.objectives import (alignment, class_statistics, consistency, prototype, ser,
+                                 supervised)
 from usss_jax.objectives.context import DomainContext, VIEWS
 from usss_jax.objectives.term import Term
 
-# What each method minimises, in the order the terms run for every domain.
+# What each method minimises, in the order the terms run for every domain (the terms of the
+# labeled images first: the unlabeled ones run together, skipped during a warm-up).
 METHODS: dict[str, tuple[Term, ...]] = {
     # One domain's labels train the encoder; the other heads learn on it frozen.
     "single": (supervised.TERM,),
@@ -64,6 +68,8 @@ class MethodSpec:
     trained_domains: per domain, False where method "single" freezes the encoder.
     options: term name -> its resolved options.
     view_outputs: view -> the model flags its forward runs with (what the terms read).
+    warmup_steps: the unlabeled terms start after these supervised-only steps ...
+    rampup_steps: ... and their weights ramp up over these steps (config.unlabeled).
   """
   method: str
   terms: tuple[Term, ...]
@@ -71,6 +77,22 @@ class MethodSpec:
   trained_domains: tuple[bool, ...]
   options: Mapping[str, Any]
   view_outputs: Mapping[str, Mapping[str, bool]]
+  warmup_steps: int = 0
+  rampup_steps: int = 0
+
+  @property
+  def schedules_unlabeled(self) -> bool:
+    """Whether a warm-up or ramp-up scales the unlabeled terms."""
+    return self.uses_unlabeled and (self.warmup_steps > 0 or self.rampup_steps > 0)
+
+  def unlabeled_scale(self, step: jax.Array) -> jax.Array:
+    """The factor of the unlabeled terms' weights at `step` (0-based, before the update):
+    0 during the warm-up, then exp(-5 (1 - t)^2), t = (step - warmup) / rampup in [0, 1]."""
+    after = jnp.asarray(step, jnp.float32) - self.warmup_steps
+    if self.rampup_steps <= 0:
+      return (after >= 0).astype(jnp.float32)
+    t = jnp.clip(after / self.rampup_steps, 0.0, 1.0)
+    return jnp.where(after >= 0, jnp.exp(-5.0 * jnp.square(1.0 - t)), 0.0)
 
   @property
   def uses_unlabeled(self) -> bool:
@@ -92,11 +114,17 @@ class MethodSpec:
 
   def init_state(self, params, batch_stats) -> dict:
     """The extra train-state entries of the method's terms (e.g. the EMA teacher)."""
+    num_classes = [params[f"head_{d}"]["kernel"].shape[-1]
+                   for d in range(len(self.trained_domains))]
     extra: dict = {}
     for term in self.terms:
       if term.init_state is not None:
-        extra.update(term.init_state(self, params, batch_stats))
+        extra.update(term.init_state(self, params, batch_stats, num_classes))
     return extra
+
+
+for _method, _terms in METHODS.items():
+  assert [t.unlabeled for t in _terms] == sorted(t.unlabeled for t in _terms), _method
 
 
 def _value(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -134,13 +162,23 @@ def method_spec(config: ml_collections.ConfigDict) -> MethodSpec:
     terms.append(term)
     weights.append(weight)
   options = {t.options_key: t.options(config) for t in terms if t.options is not None}
+  if any(t.class_statistics(options.get(t.options_key)) for t in terms):
+    terms.insert(0, class_statistics.TERM)
+    weights.insert(0, 1.0)
+    options["class_statistics"] = class_statistics.TERM.options(config)
   trained = tuple(True for _ in names)
   if config.method == "single":
     source = config.single_domain or names[0]
     trained = tuple(n == source for n in names)
   reads = [t.reads(options.get(t.options_key)) for t in terms]
+  schedule = config.unlabeled
+  if schedule.warmup_steps < 0 or schedule.rampup_steps < 0:
+    raise config_lib.ConfigError(f"config.unlabeled={schedule.to_dict()}: the warm-up and ramp-up "
+                                 "lengths must be >= 0")
   return MethodSpec(method=config.method, terms=tuple(terms), weights=tuple(weights),
-                    trained_domains=trained, options=options, view_outputs=_merge_views(reads))
+                    trained_domains=trained, options=options, view_outputs=_merge_views(reads),
+                    warmup_steps=int(schedule.warmup_steps),
+                    rampup_steps=int(schedule.rampup_steps))
 
 
 __all__ = ["METHODS", "MethodSpec", "Term", "DomainContext", "method_spec"]

@@ -10,6 +10,12 @@ config.alignment:
     growing the embedding's norm).
   "infomax": cosine / temperature, and per domain and batch E[H(p)] - H(E[p]): confident *and*
     diverse assignments (`alignment_threshold` masks unconfident pixels out of E[H(p)]).
+  "infomax_prior": cosine / temperature, E[H(p)] + KL(E[p] || prior): the batch's class mix
+    is pulled towards the labeled class frequencies of the prototypes' domain (uniform is
+    far from real class mixes), tracked in the state (`class_statistics.py`).
+Which forward is scored: `alignment_view` ("unlabeled": a plain forward of the unlabeled
+images; "weak": the weak view the teacher labels; "strong": consistency's strong view), by
+default "unlabeled" (methods cross, full) or "strong" (universal).
 
 Both terms of a domain share one forward and one set of scores (`_scores_and_terms`), and log
 the diagnostics embedding_norm, within_entropy, diversity, prototype_confident_fraction and
@@ -27,10 +33,12 @@ import ml_collections
 
 from usss_jax import config as config_lib
 from usss_jax import losses
+from usss_jax.objectives import class_statistics
 from usss_jax.objectives.context import DomainContext
 from usss_jax.objectives.term import Term
 
-ALIGNMENTS = ("reference", "infomax")
+ALIGNMENTS = ("reference", "infomax", "infomax_prior")
+VIEWS = ("unlabeled", "weak", "strong")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +51,15 @@ class AlignmentOptions:
   prototype_reduction: str = "none"
   alignment_threshold: float = 0.0   # infomax: pixels below this confidence leave E[H(p)]
   confident_threshold: float = 0.95  # diagnostics: config.consistency.threshold
+  view: str = ""  # config.alignment_view ("": the term's own)
 
   @property
   def infomax(self) -> bool:
-    return self.alignment == "infomax"
+    return self.alignment in ("infomax", "infomax_prior")
+
+  @property
+  def uses_prior(self) -> bool:
+    return self.alignment == "infomax_prior"
 
   @property
   def cosine(self) -> bool:
@@ -65,6 +78,9 @@ def alignment_options(config: ml_collections.ConfigDict) -> AlignmentOptions:
   if not 0.0 <= config.alignment_threshold <= 1.0:
     raise config_lib.ConfigError(f"config.alignment_threshold={config.alignment_threshold} must "
                                  "be a confidence in [0, 1]")
+  if config.alignment_view and config.alignment_view not in VIEWS:
+    raise config_lib.ConfigError(f"config.alignment_view={config.alignment_view!r}: expected "
+                                 f"one of {VIEWS} or '' (the method's own)")
   if config.embedding_dim <= 0:
     raise config_lib.ConfigError(f"config.embedding_dim={config.embedding_dim}: method "
                                  f"{config.method!r} needs the entropy module")
@@ -74,7 +90,7 @@ def alignment_options(config: ml_collections.ConfigDict) -> AlignmentOptions:
       embeddings_per_class=int(config.embeddings_per_class),
       prototype_reduction=config.prototype_reduction,
       alignment_threshold=float(config.alignment_threshold),
-      confident_threshold=float(config.consistency.threshold))
+      confident_threshold=float(config.consistency.threshold), view=config.alignment_view)
 
 
 def prototype_scores(embedding: jax.Array, prototypes: jax.Array,
@@ -93,20 +109,22 @@ class _Terms:
   metrics: dict
 
 
-def _infomax_terms(embedding, label_embeddings, d: int, opts: AlignmentOptions):
-  def im(prototypes):
-    scores = prototype_scores(embedding, prototypes, opts)
+def _infomax_terms(embedding, label_embeddings, ctx: DomainContext, opts: AlignmentOptions):
+  def im(j):
+    scores = prototype_scores(embedding, label_embeddings[j], opts)
     confident = None
     if opts.alignment_threshold > 0:
       confident = jnp.max(jax.nn.softmax(jax.lax.stop_gradient(scores)), axis=-1) >= \
           opts.alignment_threshold
-    return losses.information_maximization(scores, confident), scores
+    prior = class_statistics.labeled_prior(ctx, j) if opts.uses_prior else None
+    return losses.information_maximization(scores, confident, prior), scores
 
-  (within, entropy, diversity), own_scores = im(label_embeddings[d])
-  others = [e for j, e in enumerate(label_embeddings) if j != d]
+  d = ctx.index
+  (within, entropy, diversity), own_scores = im(d)
+  others = [j for j in range(len(label_embeddings)) if j != d]
   cross = cross_entropy = None
   if others:
-    terms = [im(e)[0] for e in others]
+    terms = [im(j)[0] for j in others]
     cross = sum(t[0] for t in terms) / len(terms)
     cross_entropy = sum(t[1] for t in terms) / len(terms)
   return cross, within, entropy, cross_entropy, diversity, own_scores
@@ -133,7 +151,11 @@ def _reference_terms(model, embedding, label_embeddings, d: int, out_hw, opts: A
 
 def _scores_and_terms(params, batch_stats, domain_batch, ctx: DomainContext, view: str):
   """(_Terms, batch_stats) of the domain, computed once for both terms."""
-  images = domain_batch["unlabeled"]["image"]
+  images = domain_batch["unlabeled"]["image"]  # the weak view (strong: consistency's forward)
+  view = ctx.options("alignment").view or view
+  if view == "strong" and "strong" not in ctx.outputs:
+    raise config_lib.ConfigError("config.alignment_view='strong' needs a method with "
+                                 "consistency (its strong view): consistency or universal")
   out, batch_stats = ctx.view(view, params, batch_stats, images)
   if "alignment" in ctx.memo:
     return ctx.memo["alignment"], batch_stats
@@ -141,7 +163,7 @@ def _scores_and_terms(params, batch_stats, domain_batch, ctx: DomainContext, vie
   embedding, label_embeddings = out["embedding"], ctx.state["label_embeddings"]
   if opts.infomax:
     cross, within, entropy, cross_entropy, diversity, own_scores = _infomax_terms(
-        embedding, label_embeddings, ctx.index, opts)
+        embedding, label_embeddings, ctx, opts)
   else:
     cross, within, entropy, cross_entropy, diversity, own_scores = _reference_terms(
         ctx.model, embedding, label_embeddings, ctx.index, images.shape[1:3], opts)
@@ -182,13 +204,15 @@ def _within(view: str):
 
 def _reads(view: str):
   def reads(opts: AlignmentOptions):
-    return {view: {"embedding": True, "upsample_embedding": opts.upsample_embedding}}
+    return {opts.view or view: {"embedding": True,
+                                "upsample_embedding": opts.upsample_embedding}}
   return reads
 
 
 def _terms_on(view: str) -> tuple[Term, Term]:
   common = dict(unlabeled=True, options=alignment_options, options_key="alignment",
-                reads=_reads(view), label_embeddings=True)
+                reads=_reads(view), label_embeddings=True,
+                class_statistics=lambda opts: opts.uses_prior)
   return (Term(name="cross", loss=_cross(view), weight="alpha", **common),
           Term(name="within", loss=_within(view), weight="beta", **common))
 

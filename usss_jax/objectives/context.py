@@ -72,6 +72,12 @@ class DomainContext:
   aux: dict = dataclasses.field(default_factory=dict)
   memo: dict = dataclasses.field(default_factory=dict)
 
+  def fork(self) -> DomainContext:
+    """A copy whose forwards, aux and memo start as this one's and do not flow back (a
+    branch traced on its own, e.g. the unlabeled terms under the warm-up's lax.cond)."""
+    return dataclasses.replace(self, outputs=dict(self.outputs), aux=dict(self.aux),
+                               memo=dict(self.memo))
+
   def options(self, term: str) -> Any:
     """The resolved options of `term` (its `Term.options(config)`)."""
     return self.spec.options[term]

@@ -34,7 +34,10 @@ class Term:
       outputs it needs of each view's forward (`context.DomainContext.view`).
     label_embeddings: reads the label embeddings (the label-embedding stage runs first).
     strong_views: reads the strong views and CutMix boxes of the unlabeled images.
-    init_state: (spec, params, batch_stats) -> train-state entries it adds (e.g. a teacher).
+    class_statistics: options -> whether it reads the class statistics
+      (`class_statistics.py`; the method then tracks them).
+    init_state: (spec, params, batch_stats, num_classes per domain) -> train-state entries it
+      adds (e.g. a teacher).
     update: (spec, state before, state after the gradient step, aux {domain: ctx.aux}) ->
       the state after its own update (EMA teacher, EMA prototypes).
   """
@@ -47,6 +50,7 @@ class Term:
   reads: Callable[[Any], Mapping[str, Mapping[str, bool]]] = _reads_nothing
   label_embeddings: bool = False
   strong_views: bool = False
+  class_statistics: Callable[[Any], bool] = lambda options: False
   init_state: Callable[..., dict] | None = None
   update: Callable[..., dict] | None = None
 
