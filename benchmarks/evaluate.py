@@ -106,17 +106,19 @@ def measure_size(args, hw: tuple[int, int]) -> dict:
   data = NamedSharding(mesh, P("data"))
   images = jax.device_put(rng.standard_normal((batch, *hw, 3), np.float32), data)
   labels = jax.device_put(labels, data)
+  real = jax.device_put(np.ones(batch, bool), data)
   rss_before = common.current_rss_bytes()
 
   start = time.perf_counter()
-  lowered = evaluate._confusion_step.lower(model, local_vars, images, 0, args.classes, labels)
+  lowered = evaluate._confusion_step.lower(model, local_vars, images, labels, real, head=0,
+                                          num_classes=args.classes)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops = common.flops_of(lowered)  # backend-independent (see common.flops_of)
   planned = common.planned_memory_bytes(compiled)
 
   def call():
-    return np.asarray(compiled(local_vars, images, labels))
+    return np.asarray(compiled(local_vars, images, labels, real)[0])
 
   start = time.perf_counter()
   confusion = call()

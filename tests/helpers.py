@@ -172,3 +172,23 @@ def logs_warning(match: str | None = None):
   messages = [r.getMessage() for r in records]
   assert messages, "no warning was logged"
   assert match is None or any(re.search(match, m) for m in messages), messages
+
+
+def synthetic_batch(names, classes, hw, seed: int = 0, b: int = 8) -> dict:
+  """A random train-step batch: per domain labeled images and labels (first two rows ignore),
+  unlabeled weak and strong views, a CutMix box and a valid mask (last three rows padding)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for n, c in zip(names, classes):
+    label = rng.integers(0, c, (b, *hw)).astype(np.int32)
+    label[:, :2] = 255
+    box = np.zeros((b, *hw), bool)
+    box[:, 4:10, 2:12] = True
+    valid = np.ones((b, *hw), bool)
+    valid[:, -3:] = False
+    out[n] = {"labeled": {"image": rng.normal(size=(b, *hw, 3)).astype(np.float32),
+                          "label": label},
+              "unlabeled": {"image": rng.normal(size=(b, *hw, 3)).astype(np.float32),
+                            "strong": rng.normal(size=(b, *hw, 3)).astype(np.float32),
+                            "cutmix_mask": box, "valid": valid}}
+  return out

@@ -13,13 +13,13 @@ from PIL import Image
 
 from helpers import TINY
 from usss_jax import checkpoint as ckpt_lib
-from usss_jax import inference, objectives, sharding
+from usss_jax import inference, metrics, objectives, sharding
 from usss_jax import state as state_lib
 from usss_jax.analysis import __main__ as cli
 from usss_jax.analysis import commands, plots, scores
 from usss_jax.data import demo, registry
 from usss_jax.domains import Domain, build_domains
-from usss_jax.label_embeddings import store
+from usss_jax.label_embeddings import stats, store
 from usss_jax.models import universal
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -122,7 +122,11 @@ def test_prototype_similarity_hand_built():
 def test_cooccurrence_and_row_normalize_hand_built():
   labels = np.array([[0, 0, 1, 255], [2, 1, 1, 0]])
   preds = np.array([[1, 1, 0, 2], [0, 2, 0, 0]])
-  counts = scores.cooccurrence(labels, preds, num_classes_a=4, num_classes_b=3)
+  # A's ground truth against B's predictions: the confusion matrix of two label spaces.
+  confusion = np.asarray(metrics.confusion_matrix(jnp.asarray(preds), jnp.asarray(labels), 4,
+                                                  num_predicted=3))
+  assert confusion.shape == (4, 4) and confusion[:, 3].sum() == 0
+  counts = confusion[:, :3]
   want = np.array([[1, 2, 0],    # class 0: predicted 1, 1, 0
                    [2, 0, 1],    # class 1: predicted 0, 2, 0
                    [1, 0, 0],    # class 2: predicted 0
@@ -136,13 +140,15 @@ def test_cooccurrence_and_row_normalize_hand_built():
   assert [(m["class_b"], m["score"]) for m in matches] == [
       ("b1", pytest.approx(2 / 3)), ("b0", pytest.approx(2 / 3)), ("b0", 1.0), (None, None)]
   assert matches[0]["runner_up"] == "b0"
-  with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
-    scores.cooccurrence(labels, preds + 1, 4, 3)
+  # Predictions outside B's classes land in the last column.
+  shifted = np.asarray(metrics.confusion_matrix(jnp.asarray(preds + 1), jnp.asarray(labels), 4,
+                                                num_predicted=3))
+  assert shifted[:, 3].sum() == np.sum((preds + 1 == 3) & (labels != 255))
 
 
 def test_cell_centre_labels():
   label = np.arange(36 * 50).reshape(36, 50) % 7
-  got = inference.cell_centre_labels(label, (5, 7))  # ceil(36/8), ceil(50/8)
+  got = np.asarray(stats.cell_centre_labels(label, (5, 7)))  # ceil(36/8), ceil(50/8)
   assert got.shape == (5, 7)
   for i in range(5):
     for j in range(7):

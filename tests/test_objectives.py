@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import build_train_step, tiny_synthetic_config
+from helpers import build_train_step, synthetic_batch, tiny_synthetic_config
 from usss_jax import losses
 from usss_jax.objectives import consistency
 from usss_jax.label_embeddings import ema
@@ -145,21 +145,7 @@ def test_ema_teacher_ramps_its_decay_and_copies_integers():
 # ---------------------------------------------------------------------------- the step
 
 def _batch(seed=0, b=8):
-  rng = np.random.default_rng(seed)
-  out = {}
-  for n, c in zip(NAMES, CLASSES):
-    label = rng.integers(0, c, (b, *HW)).astype(np.int32)
-    label[:, :2] = 255
-    box = np.zeros((b, *HW), bool)
-    box[:, 4:10, 2:12] = True
-    valid = np.ones((b, *HW), bool)
-    valid[:, -3:] = False
-    out[n] = {"labeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                          "label": label},
-              "unlabeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                            "strong": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                            "cutmix_mask": box, "valid": valid}}
-  return out
+  return synthetic_batch(NAMES, CLASSES, HW, seed, b)
 
 
 def _build(method, **overrides):

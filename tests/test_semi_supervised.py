@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (TINY, assert_same_params, build_train_step, tiny_demo_config,
-                     tiny_synthetic_config)
+from helpers import (TINY, assert_same_params, build_train_step, synthetic_batch,
+                     tiny_demo_config, tiny_synthetic_config)
 from usss_jax import convert, modes, objectives, workdir as workdir_lib
 from usss_jax import state as state_lib
 from usss_jax.models import drn
@@ -23,21 +23,7 @@ NAMES, CLASSES, HW = ("a", "b"), (3, 4), (16, 24)
 
 
 def _batch(seed=0, b=8):
-  rng = np.random.default_rng(seed)
-  out = {}
-  for n, c in zip(NAMES, CLASSES):
-    label = rng.integers(0, c, (b, *HW)).astype(np.int32)
-    label[:, :2] = 255
-    box = np.zeros((b, *HW), bool)
-    box[:, 4:10, 2:12] = True
-    valid = np.ones((b, *HW), bool)
-    valid[:, -3:] = False
-    out[n] = {"labeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                          "label": label},
-              "unlabeled": {"image": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                            "strong": rng.normal(size=(b, *HW, 3)).astype(np.float32),
-                            "cutmix_mask": box, "valid": valid}}
-  return out
+  return synthetic_batch(NAMES, CLASSES, HW, seed, b)
 
 
 def _build(method, **overrides):

@@ -24,14 +24,16 @@ from usss_jax.domains import Domain
 
 
 def eval_batches(domain: Domain, *, batch_size: int, normalization: str,
-                 process_index: int = 0, process_count: int = 1
+                 process_index: int = 0, process_count: int = 1, examples=None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
   """Yields (images f32 [B,h,w,3], labels int32 [B,H,W], keys) of same-size images.
 
   The batch is padded to `batch_size` with zero images whose labels are all
-  ignore, so they do not count. This process takes examples[process_index::count].
+  ignore, so they do not count. This process takes examples[process_index::count] of
+  `examples` (default: the domain's evaluation examples).
   """
-  mine = domain.eval_examples[process_index::process_count]
+  examples = domain.eval_examples if examples is None else examples
+  mine = examples[process_index::process_count]
   pending_images, pending_labels, pending_keys = [], [], []
 
   def flush():
@@ -65,10 +67,63 @@ def eval_batches(domain: Domain, *, batch_size: int, normalization: str,
     yield flush()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _confusion_step(model, variables, images, head, num_classes, labels):
+@functools.partial(jax.jit, static_argnames=("model", "head", "num_classes"))
+def _confusion_step(model, variables, images, labels, real, *, head, num_classes):
+  del real  # padding images have all-ignore labels
   logits = inference.head_logits(model, variables, images, head, labels.shape[1:3])
-  return metrics.confusion_matrix(jnp.argmax(logits, axis=-1), labels, num_classes)
+  return (metrics.confusion_matrix(jnp.argmax(logits, axis=-1), labels, num_classes),)
+
+
+def sum_over_split(count, variables, domain: Domain, *, batch_size: int, normalization: str,
+                   examples=None) -> tuple[tuple[np.ndarray, ...], int]:
+  """Sums integer counts over a domain's evaluation split (the batched evaluation loop).
+
+  Each process takes its slice of the split, in batches of same-size images split over its
+  local devices (padded with all-ignore images), and the sums are added over processes.
+
+  Args:
+    count: jitted `(variables, images [B, h, w, 3], labels [B, H, W], real [B] bool (not
+      padding)) -> tuple of integer arrays`.
+    variables: what `count` gets (placed on this process's devices,
+      `sharding.to_local_replicated`).
+    domain: whose examples (its reader and evaluation resize).
+    batch_size: global batch; this process uses batch_size // process_count rounded up to a
+      multiple of its local devices.
+    examples: which examples (default: the domain's evaluation examples).
+  Returns:
+    (the summed arrays as int64, number of images).
+  """
+  mesh = sharding.local_mesh()
+  n_local = mesh.devices.size
+  per_process = max(1, batch_size // jax.process_count())
+  per_process = -(-per_process // n_local) * n_local
+  data_sharding = sharding.batch_sharded(mesh)
+  totals, num_images = None, 0
+  for images, labels, keys in eval_batches(domain, batch_size=per_process,
+                                           normalization=normalization, examples=examples,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()):
+    real = np.arange(len(images)) < len(keys)
+    out = count(variables, *(jax.device_put(x, data_sharding) for x in (images, labels, real)))
+    out = tuple(np.asarray(o, np.int64) for o in out)
+    totals = out if totals is None else tuple(a + b for a, b in zip(totals, out))
+    num_images += len(keys)
+  if totals is None:
+    raise ValueError(f"domain {domain.name!r} has no evaluation examples")
+  if jax.process_count() > 1:
+    totals = tuple(np.asarray(multihost_utils.process_allgather(t)).sum(0) for t in totals)
+    num_images = int(np.asarray(multihost_utils.process_allgather(np.int64(num_images))).sum())
+  return totals, num_images
+
+
+def class_summary(confusion: np.ndarray, classes: Sequence[str],
+                  miou_convention: str = "standard") -> dict:
+  """{"miou", "pixel_accuracy", "iou": {class: IoU, None where absent}} of a [C, C + 1]
+  confusion matrix."""
+  iou, miou = metrics.iou_from_confusion(confusion,
+                                         absent=metrics.MIOU_CONVENTIONS[miou_convention])
+  return {"miou": miou, "pixel_accuracy": metrics.pixel_accuracy(confusion),
+          "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou)}}
 
 
 def evaluate_domains(model, variables, domains: Sequence[Domain], *, batch_size: int,
@@ -87,36 +142,14 @@ def evaluate_domains(model, variables, domains: Sequence[Domain], *, batch_size:
     {"mean_miou": float, "<name>": {"miou", "pixel_accuracy", "iou": {class: iou},
     "confusion": [[...]], "num_images"}}.
   """
-  mesh = sharding.local_mesh()
-  n_local = mesh.devices.size
-  per_process = max(1, batch_size // jax.process_count())
-  per_process = -(-per_process // n_local) * n_local
-  local_vars = sharding.to_local_replicated(variables, mesh)
-  data_sharding = sharding.batch_sharded(mesh)
+  local_vars = sharding.to_local_replicated(variables, sharding.local_mesh())
   results = {}
   for dom in domains:
-    num_classes = dom.num_classes
-    cm = np.zeros((num_classes, num_classes + 1), np.int64)
-    count = 0
-    for images, labels, keys in eval_batches(dom, batch_size=per_process,
-                                             normalization=normalization,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count()):
-      cm += np.asarray(_confusion_step(model, local_vars, jax.device_put(images, data_sharding),
-                                       dom.index, num_classes,
-                                       jax.device_put(labels, data_sharding)))
-      count += len(keys)
-    if jax.process_count() > 1:
-      cm = np.asarray(multihost_utils.process_allgather(cm)).sum(0)
-      count = int(np.asarray(multihost_utils.process_allgather(np.int64(count))).sum())
-    iou, miou = metrics.iou_from_confusion(cm, absent=metrics.MIOU_CONVENTIONS[miou_convention])
-    results[dom.name] = {
-        "miou": miou,
-        "pixel_accuracy": metrics.pixel_accuracy(cm),
-        "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(dom.classes, iou)},
-        "confusion": cm.tolist(),
-        "num_images": count,
-    }
+    (cm,), count = sum_over_split(
+        functools.partial(_confusion_step, model, head=dom.index, num_classes=dom.num_classes),
+        local_vars, dom, batch_size=batch_size, normalization=normalization)
+    results[dom.name] = {**class_summary(cm, dom.classes, miou_convention),
+                         "confusion": cm.tolist(), "num_images": count}
   mious = [results[d.name]["miou"] for d in domains]
   results["mean_miou"] = float(np.mean(mious)) if mious else float("nan")
   return results

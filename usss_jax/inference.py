@@ -25,9 +25,9 @@ from PIL import Image
 from usss_jax import losses
 from usss_jax.data import transforms
 from usss_jax.data.base import IGNORE_LABEL
+from usss_jax.label_embeddings import stats
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
-FEATURE_STRIDE = 8  # the DRN-D output stride
 
 
 def preprocess(image: np.ndarray, *, resize_hw: Sequence[int] | None,
@@ -107,24 +107,6 @@ def predictor(model, k: int = 1, normalize_pixels: bool = False):
   return forward
 
 
-def cell_centre_labels(label: np.ndarray, feature_hw: tuple[int, int],
-                       stride: int = FEATURE_STRIDE) -> np.ndarray:
-  """Labels at the centres of the `stride` x `stride` cells of a feature map.
-
-  Args:
-    label: [H, W] class ids.
-    feature_hw: (h, w) of the feature map, h = ceil(H / stride).
-  Returns:
-    [h, w] int32; cells whose centre lies outside the image get the ignore label.
-  """
-  fh, fw = feature_hw
-  padded = np.full((fh * stride, fw * stride), IGNORE_LABEL, np.int32)
-  h, w = min(label.shape[0], fh * stride), min(label.shape[1], fw * stride)
-  padded[:h, :w] = label[:h, :w]
-  half = stride // 2
-  return padded[half::stride, half::stride][:fh, :fw]
-
-
 def sampled_features(features_of, variables, image: np.ndarray, label: np.ndarray, *,
                      max_pixels: int, rng: np.random.Generator
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +119,7 @@ def sampled_features(features_of, variables, image: np.ndarray, label: np.ndarra
     (features [N, F] float32, labels [N] int32), cells in raster order.
   """
   feats = np.asarray(features_of(variables, image[None]))[0]
-  cells = cell_centre_labels(label, feats.shape[:2]).reshape(-1)
+  cells = np.asarray(stats.cell_centre_labels(label, feats.shape[:2])).reshape(-1)
   valid = np.flatnonzero(cells != IGNORE_LABEL)
   if len(valid) > max_pixels:
     valid = np.sort(rng.choice(valid, max_pixels, replace=False))

@@ -17,27 +17,31 @@ from usss_jax.data.base import IGNORE_LABEL
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, *,
+                     num_predicted: int | None = None,
                      ignore_label: int = IGNORE_LABEL) -> jax.Array:
   """Counts (ground truth, prediction) pairs. jit-able.
 
   Args:
     pred: [...] integer predictions.
     label: [...] integer ground truth, same shape; `ignore_label` pixels are skipped.
-    num_classes: C.
+    num_classes: C, the ground truth's classes.
+    num_predicted: P, the predictions' classes (default C; another label space's head, e.g.
+      for the label correspondence between two domains).
     ignore_label: void value of `label`.
   Returns:
-    [C, C + 1] int32; column C counts predictions outside [0, C).
+    [C, P + 1] int32; column P counts predictions outside [0, P).
   """
   if pred.shape != label.shape:
     raise ValueError(f"pred shape {pred.shape} != label shape {label.shape}")
+  num_predicted = num_classes if num_predicted is None else num_predicted
   label = label.astype(jnp.int32).reshape(-1)
   pred = pred.astype(jnp.int32).reshape(-1)
   valid = (label != ignore_label) & (label >= 0) & (label < num_classes)
-  pred = jnp.where((pred >= 0) & (pred < num_classes), pred, num_classes)
-  index = jnp.where(valid, label * (num_classes + 1) + pred, 0)
+  pred = jnp.where((pred >= 0) & (pred < num_predicted), pred, num_predicted)
+  index = jnp.where(valid, label * (num_predicted + 1) + pred, 0)
   counts = jnp.bincount(index, weights=valid.astype(jnp.int32),
-                        length=num_classes * (num_classes + 1))
-  return counts.astype(jnp.int32).reshape(num_classes, num_classes + 1)
+                        length=num_classes * (num_predicted + 1))
+  return counts.astype(jnp.int32).reshape(num_classes, num_predicted + 1)
 
 
 # miou_convention -> what a class absent from ground truth and prediction gets.

@@ -11,12 +11,13 @@
 3. tsne: encoder features (1/8 resolution, labels at cell centres) sampled per class and
    domain, embedded with t-SNE (the paper's Figure 4); one panel per run.
 
-Everything runs on one device (the first local one): these are small offline analyses, and
-a single device keeps them cheap on a CPU-only host.
+Evaluation-split statistics go through the batched evaluation loop (`evaluate.sum_over_split`),
+as the mIoU does; restored models sit on one device until then.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -26,10 +27,9 @@ import ml_collections
 import numpy as np
 
 from usss_jax import config as config_lib
-from usss_jax import files, inference, label_embedding_stage, metrics, modes, sharding
+from usss_jax import evaluate, files, inference, label_embedding_stage, metrics, modes, sharding
 from usss_jax import state as state_lib
 from usss_jax.analysis import plots, scores
-from usss_jax.data import transforms
 from usss_jax.data.base import IGNORE_LABEL, load_rgb
 from usss_jax.domains import Domain
 from usss_jax.label_embeddings.store import LabelEmbeddings
@@ -71,6 +71,11 @@ def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, sta
   return emb
 
 
+# Images per evaluation batch of the analyses (offline, a few images; split over the local
+# devices).
+_BATCH = 8
+
+
 def _eval_examples(dom: Domain, max_images: int) -> list:
   """The first `max_images` (0 = all) evaluation examples of `dom`; an error when it has none."""
   examples = dom.eval_examples[:max_images] if max_images > 0 else dom.eval_examples
@@ -84,6 +89,33 @@ def _network_input(image: np.ndarray, dom: Domain, normalization: str) -> np.nda
   """[H, W, 3] uint8 -> [1, h, w, 3] float32 as evaluation feeds it."""
   return inference.preprocess(image, resize_hw=dom.eval_resize_hw,
                               normalization=normalization)[None]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "head", "k", "normalize_pixels",
+                                             "num_classes"))
+def _agreement_counts(model, variables, images, labels, real, prototypes, *, head: int, k: int,
+                      normalize_pixels: bool, num_classes: int):
+  """Confusion matrices of the head and of the prototypes, and [agreeing labelled pixels,
+  labelled pixels, agreeing pixels, pixels] of the real (not padding) images."""
+  heads, protos = inference.predictor(model, k, normalize_pixels)(
+      variables, images, (prototypes,), labels.shape[1:3])
+  head_pred, proto_pred = heads[head], protos[0]
+  labelled = labels != IGNORE_LABEL
+  same = head_pred == proto_pred
+  pixels = real[:, None, None] & jnp.ones_like(same)
+  return (metrics.confusion_matrix(head_pred, labels, num_classes),
+          metrics.confusion_matrix(proto_pred, labels, num_classes),
+          jnp.stack([jnp.sum(same & labelled), jnp.sum(labelled), jnp.sum(same & pixels),
+                     jnp.sum(pixels)]))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "head", "num_classes", "num_predicted"))
+def _head_counts(model, variables, images, labels, real, *, head: int, num_classes: int,
+                 num_predicted: int):
+  """(ground truth, head `head`'s prediction) counts [C, P + 1] of a batch."""
+  del real  # padding images have all-ignore labels
+  pred = jnp.argmax(inference.head_logits(model, variables, images, head, labels.shape[1:3]), -1)
+  return (metrics.confusion_matrix(pred, labels, num_classes, num_predicted=num_predicted),)
 
 
 def prototype_agreement(model, variables, dom: Domain, label_embeddings: np.ndarray, *,
@@ -103,38 +135,18 @@ def prototype_agreement(model, variables, dom: Domain, label_embeddings: np.ndar
     argmaxes agree, "agreement_all_pixels", "head": {"miou", "pixel_accuracy",
     "iou"}, "prototypes": {same}} (mIoU with absent classes excluded).
   """
-  examples = _eval_examples(dom, max_images)
-  forward = inference.predictor(model, k, normalize_pixels)
-  c = dom.num_classes
-  cm_head = np.zeros((c, c + 1), np.int64)
-  cm_proto = np.zeros((c, c + 1), np.int64)
-  same_valid = valid = same_all = total = 0
-  embs = (jnp.asarray(label_embeddings),)
-  for ex in examples:
-    item = dom.reader.load_example(ex)
-    label = item["label"].astype(np.int32)
-    heads, protos = forward(variables, _network_input(item["image"], dom, normalization),
-                            embs, label.shape)
-    head, proto = np.asarray(heads[dom.index])[0], np.asarray(protos[0])[0]
-    cm_head += np.asarray(metrics.confusion_matrix(head, label, c))
-    cm_proto += np.asarray(metrics.confusion_matrix(proto, label, c))
-    mask = label != IGNORE_LABEL
-    same = head == proto
-    same_valid += int(np.sum(same & mask))
-    valid += int(np.sum(mask))
-    same_all += int(np.sum(same))
-    total += same.size
-
-  def summary(cm):
-    iou, miou = metrics.iou_from_confusion(cm)
-    return {"miou": miou, "pixel_accuracy": metrics.pixel_accuracy(cm),
-            "iou": {n: (None if np.isnan(v) else float(v))
-                    for n, v in zip(dom.classes, iou)}}
-
-  return {"domain": dom.name, "num_images": len(examples),
+  count = functools.partial(_agreement_counts, model, prototypes=jnp.asarray(label_embeddings),
+                            head=dom.index, k=k, normalize_pixels=normalize_pixels,
+                            num_classes=dom.num_classes)
+  (cm_head, cm_proto, agree), num_images = evaluate.sum_over_split(
+      count, sharding.to_local_replicated(variables, sharding.local_mesh()), dom,
+      batch_size=_BATCH, normalization=normalization, examples=_eval_examples(dom, max_images))
+  same_valid, valid, same_all, total = (int(v) for v in agree)
+  return {"domain": dom.name, "num_images": num_images,
           "agreement": same_valid / valid if valid else float("nan"),
           "agreement_all_pixels": same_all / total,
-          "head": summary(cm_head), "prototypes": summary(cm_proto)}
+          "head": evaluate.class_summary(cm_head, dom.classes),
+          "prototypes": evaluate.class_summary(cm_proto, dom.classes)}
 
 
 def _domain_index(domains, name: str | None, flag: str) -> int:
@@ -253,15 +265,12 @@ def correspondence(config: ml_collections.ConfigDict, workdir: str, *, domain_a:
         cmap="RdBu_r")
 
   examples = _eval_examples(dom_a, max_images)
-  forward = inference.predictor(model)
-  variables = state_lib.model_variables(state)
-  counts = np.zeros((len(names_a), len(names_b)), np.int64)
-  for ex in examples:
-    item = dom_a.reader.load_example(ex)
-    label = item["label"].astype(np.int32)
-    heads, _ = forward(variables, _network_input(item["image"], dom_a, config.normalization),
-                       (), label.shape)
-    counts += scores.cooccurrence(label, np.asarray(heads[ib])[0], len(names_a), len(names_b))
+  (confusion,), _ = evaluate.sum_over_split(
+      functools.partial(_head_counts, model, head=ib, num_classes=len(names_a),
+                        num_predicted=len(names_b)),
+      sharding.to_local_replicated(state_lib.model_variables(state), sharding.local_mesh()),
+      dom_a, batch_size=_BATCH, normalization=config.normalization, examples=examples)
+  counts = confusion[:, :len(names_b)]  # (A's ground truth, B's head)
   pixels = counts.sum(axis=1)
   fractions = scores.row_normalize(counts)
   data_matches = scores.best_matches(fractions, names_a, names_b, valid_rows=pixels > 0)
@@ -287,25 +296,19 @@ def sample_features(model, variables, domains: Sequence[Domain], *,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Encoder features of up to `per_class` pixels per class and domain (eval images).
 
-  As the label-embedding stage (`label_embedding_stage.feature_label_batches`) samples
-  them: features at 1/8 resolution, labels at the cell centres, at most
-  `max_pixels_per_image` labelled cells per image; then `per_class` per class.
+  Sampled by the label-embedding stage's own `feature_label_batches` (features at the
+  encoder's resolution, labels at the cell centres, at most `max_pixels_per_image` labelled
+  cells per image, images at the evaluation resize); then `per_class` per class.
   Returns:
     (features [N, F] float32, domain_ids [N] int32, class_ids [N] int32).
   """
   rng = np.random.default_rng(seed)
-  features_of = inference.features_fn(model)
   feats, doms, classes = [], [], []
   for d, dom in enumerate(domains):
-    examples = _eval_examples(dom, max_images)
-    dom_feats, dom_labels = [], []
-    for ex in examples:
-      x = transforms.eval_transform(dom.reader.load_example(ex), resize_hw=dom.eval_resize_hw,
-                                    normalization=normalization)
-      f, lab = inference.sampled_features(features_of, variables, x["image"], x["label"],
-                                          max_pixels=max_pixels_per_image, rng=rng)
-      dom_feats.append(f)
-      dom_labels.append(lab)
+    rows = list(label_embedding_stage.feature_label_batches(
+        model, variables, dom, _eval_examples(dom, max_images), resize_hw=dom.eval_resize_hw,
+        normalization=normalization, max_pixels_per_image=max_pixels_per_image, seed=seed + d))
+    dom_feats, dom_labels = [r[0] for r in rows], [r[1] for r in rows]
     f, lab = np.concatenate(dom_feats), np.concatenate(dom_labels)
     keep = scores.sample_per_class(lab, per_class, rng)
     feats.append(f[keep])

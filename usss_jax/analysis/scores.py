@@ -36,32 +36,6 @@ def prototype_similarity(embeddings_a: np.ndarray, embeddings_b: np.ndarray, k_a
   return cos.max(axis=(1, 3))
 
 
-def cooccurrence(labels_a: np.ndarray, predictions_b: np.ndarray, num_classes_a: int,
-                 num_classes_b: int, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
-  """Counts how often a pixel of A's class i is predicted as B's class j.
-
-  Args:
-    labels_a: [...] A's ground-truth ids; `ignore_label` (or ids >= C_A) do not count.
-    predictions_b: [...] same shape, B's predicted ids in [0, C_B).
-    num_classes_a, num_classes_b: C_A, C_B.
-  Returns:
-    [C_A, C_B] int64 counts.
-  """
-  labels_a = np.asarray(labels_a).reshape(-1).astype(np.int64)
-  predictions_b = np.asarray(predictions_b).reshape(-1).astype(np.int64)
-  if labels_a.shape != predictions_b.shape:
-    raise ValueError(f"labels ({labels_a.size} pixels) and predictions "
-                     f"({predictions_b.size} pixels) differ in size")
-  valid = (labels_a != ignore_label) & (labels_a >= 0) & (labels_a < num_classes_a)
-  bad = valid & ((predictions_b < 0) | (predictions_b >= num_classes_b))
-  if bad.any():
-    raise ValueError(f"predictions hold ids outside [0, {num_classes_b}): "
-                     f"{np.unique(predictions_b[bad])[:10].tolist()}")
-  index = labels_a[valid] * num_classes_b + predictions_b[valid]
-  counts = np.bincount(index, minlength=num_classes_a * num_classes_b)
-  return counts.reshape(num_classes_a, num_classes_b).astype(np.int64)
-
-
 def row_normalize(matrix: np.ndarray) -> np.ndarray:
   """[R, C] -> [R, C] float64 rows summing to 1 (all-zero rows stay 0)."""
   m = np.asarray(matrix, np.float64)
