@@ -14,8 +14,9 @@ import pytest
 
 from helpers import (TINY, assert_same_params, build_train_step, synthetic_batch,
                      tiny_demo_config, tiny_synthetic_config)
-from usss_jax import convert, modes, objectives, workdir as workdir_lib
+from usss_jax import convert, modes, objectives, sharding, workdir as workdir_lib
 from usss_jax import state as state_lib
+from usss_jax.label_embeddings import compute_joint_label_embeddings
 from usss_jax.models import drn
 from usss_jax.objectives import class_statistics, consistency
 
@@ -236,3 +237,40 @@ def test_teacher_and_class_statistics_resume_exactly(demo_root, tmp_path, monkey
   assert_same_params(reference, resumed)
   for key in ("teacher", "class_stats"):
     jax.tree.map(np.testing.assert_array_equal, reference[key], resumed[key])
+
+
+# Prototypes of every domain in one basis.
+
+def test_joint_label_embeddings_share_one_pca_basis_like_numpy():
+  rng = np.random.default_rng(3)
+  rows = [(rng.normal(size=(60, 5)) + 2.0 * d, rng.integers(0, c, 60)) for d, c in enumerate((3, 4))]
+  got = compute_joint_label_embeddings([lambda r=r: [r] for r in rows], num_classes=[3, 4], dim=2)
+  x = np.concatenate([r[0] for r in rows])
+  mean = x.mean(0)
+  _, evecs = np.linalg.eigh(np.cov(x, rowvar=False))
+  comps = evecs[:, ::-1][:, :2].T
+  for (features, labels), embeddings, c in zip(rows, got, (3, 4)):
+    np.testing.assert_allclose(embeddings.pca_mean, mean, rtol=1e-6, atol=1e-9)
+    signs = np.sign(np.sum(embeddings.pca_components * comps, axis=1))
+    z = (features - mean) @ comps.T
+    want = np.stack([z[labels == k].mean(0) for k in range(c)])
+    np.testing.assert_allclose(embeddings.embeddings, want * signs, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[0].pca_components, got[1].pca_components)
+
+
+def test_the_entropy_module_can_start_as_the_projection():
+  config = tiny_synthetic_config(NAMES, HW, "full")
+  rng = np.random.default_rng(4)
+  components = rng.normal(size=(6, TINY[-1])).astype(np.float32)  # [D, F]
+  mean = rng.normal(size=TINY[-1]).astype(np.float32)
+  projection = (components.T[None, None], -mean @ components.T)
+  model = state_lib.make_model(config, CLASSES)
+  tx, _ = state_lib.make_optimizer(config)
+  state = state_lib.initial_state(config, model, tx, objectives.method_spec(config), HW,
+                                  [np.zeros((c, 6), np.float32) for c in CLASSES],
+                                  sharding.replicated(sharding.single_device_mesh()), projection)
+  x = jnp.asarray(rng.normal(size=(2, *HW, 3)), jnp.float32)
+  out = model.apply(state_lib.model_variables(state), x, train=False, embedding=True,
+                    upsample_embedding=False, features=True)
+  want = (np.asarray(out["features"], np.float64) - mean) @ components.T.astype(np.float64)
+  np.testing.assert_allclose(out["embedding"], want, rtol=1e-4, atol=1e-4)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -52,13 +53,28 @@ def uses_label_embeddings(method: str) -> bool:
 
 
 def _run_config(config, method: str, seed: int, **overrides) -> ml_collections.ConfigDict:
+  """The config of one run. Supervised methods (single, basic) train for the semi-supervised
+  runs' whole length: their warm start's steps are added to their own."""
   c = copy.deepcopy(config)
   c.unlock()
   c.method = method
   c.seed = seed
+  if not objectives.method_spec(c).uses_unlabeled and c.warm_start.steps > 0:
+    c.total_steps = int(c.total_steps) + int(c.warm_start.steps)
+    c.warm_start.steps = 0
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def machine() -> dict:
+  """What the runs ran on: at this scale the CPU's floating-point path acts like a seed."""
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+              if line.startswith("model name")), platform.processor()) \
+      if os.path.exists("/proc/cpuinfo") else platform.processor()
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+          "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _done(workdir: str) -> dict | None:
@@ -101,12 +117,15 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
-                 methods: Sequence[str] = METHOD_ORDER, recommended: str | None = None) -> dict:
+                 methods: Sequence[str] = METHOD_ORDER, recommended: str | None = None,
+                 upper_labeled: int = 0) -> dict:
   """Runs every (method, seed); returns {"results": ..., "details": ...}.
 
   Args:
     recommended: the method the experiment recommends (chosen beforehand on validation
       data); recorded as results["recommended"].
+    upper_labeled: > 0: also "basic_<N>_labeled", basic with N labeled images per domain (the
+      upper reference: what more labels would give).
   """
   names = list(config.domain_names)
   unknown = [m for m in methods if m not in METHOD_ORDER]
@@ -115,7 +134,8 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
   if recommended is not None and recommended not in methods:
     raise ValueError(f"--recommended={recommended!r} is not among the methods {list(methods)}")
   results: dict = {m: {} for m in methods}
-  details: dict = {"config": json.loads(config.to_json()), "runs": {}, "classes": {}}
+  details: dict = {"config": json.loads(config.to_json()), "runs": {}, "classes": {},
+                   "machine": machine()}
   for name in names:  # class-index order for the per-class tables
     dc = config.domains[name]
     details["classes"][name] = list(registry.get_reader(
@@ -151,10 +171,22 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
       summary = _train(cfg, run_dir)
       details["runs"][f"seed{seed}/{method}"] = summary
       results[method][str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+    if upper_labeled > 0:
+      name = f"basic_{upper_labeled}_labeled"
+      summary = _train(_run_config(config, "basic", seed, num_labeled=upper_labeled),
+                       os.path.join(seed_dir, name))
+      details["runs"][f"seed{seed}/{name}"] = summary
+      results.setdefault(name, {})[str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
     if recommended:
       results["recommended"] = recommended
     write_tables(workdir, results, details, names)
   return {"results": results, "details": details}
+
+
+def _row_order(results: dict) -> list[str]:
+  """The methods of `results` in table order: METHODS' order, then extra rows (references)."""
+  extra = sorted(m for m, v in results.items() if isinstance(v, dict) and m not in METHOD_ORDER)
+  return [m for m in METHOD_ORDER if m in results] + extra
 
 
 def _per_seed(results: dict) -> dict[str, dict]:
@@ -197,7 +229,7 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
   per-class IoU."""
   lines = ["| method | " + " | ".join(names) + " | average | seeds |",
            "|---|" + "---|" * (len(names) + 2)]
-  for method in METHOD_ORDER:
+  for method in _row_order(results):
     per_seed = results.get(method, {})
     if not per_seed:
       continue
@@ -211,7 +243,7 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
     out += ["## Paired difference to basic (two-domain average, mIoU points; same seed = same "
             "labeled/unlabeled split)", "",
             "| method | mean | 95 % interval | seeds > 0 | per seed |", "|---|---|---|---|---|"]
-    for method in METHOD_ORDER:
+    for method in _row_order(results):
       if method in diffs:
         d = diffs[method]
         seeds = ", ".join(f"{s}: {v:+.1f}" for s, v in d["per_seed"].items())
@@ -220,7 +252,7 @@ def markdown_table(results: dict, details: dict, names: Sequence[str]) -> str:
     out.append("")
   for name in names:
     classes, rows = None, []
-    for method in METHOD_ORDER:
+    for method in _row_order(results):
       runs = [v for k, v in details["runs"].items()
               if k.endswith(f"/{method}")
               or (method == "single" and k.endswith(f"/single_{name}"))]
@@ -243,7 +275,7 @@ def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str
   files.write_json(os.path.join(workdir, "results.json"), results)
   files.write_json(os.path.join(workdir, "results_details.json"), details)
   files.write_text(os.path.join(workdir, "results.md"), markdown_table(results, details, names))
-  plots.plot_method_bars(_per_seed(results), names, METHOD_ORDER,
+  plots.plot_method_bars(_per_seed(results), names, _row_order(results),
                          os.path.join(workdir, "results.png"))
   curves = unsupervised_curves(workdir)
   if curves:
@@ -294,6 +326,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _RECOMMENDED = flags.DEFINE_string("recommended", None, "The method this experiment recommends "
                                    "(chosen on validation data); recorded in results.json.")
 _METHODS = flags.DEFINE_list("methods", list(METHOD_ORDER), "Methods to run.")
+_UPPER = flags.DEFINE_integer("upper_labeled", 0, "Also basic with this many labeled images per "
+                              "domain (the upper reference row), 0 = not.")
 
 
 def main(argv):
@@ -305,7 +339,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     out = run_ablation(_CONFIG.value, _WORKDIR.value, [int(s) for s in _SEEDS.value],
-                       _METHODS.value, recommended=_RECOMMENDED.value)
+                       _METHODS.value, recommended=_RECOMMENDED.value,
+                       upper_labeled=_UPPER.value)
   except workdir_lib.Stopped as stopped:  # a requested stop is a success; rerun to continue
     print(stopped, file=sys.stderr)
     return

@@ -18,8 +18,8 @@ import os
 import jax
 import ml_collections
 
-from usss_jax import files
-from usss_jax.data import strong_augment
+from usss_jax import files, metrics
+from usss_jax.data import strong_augment, transforms
 
 # config.<key> values that are global batch sizes per domain (split over the devices).
 BATCH_KEYS = ("labeled_batch", "unlabeled_batch", "eval_batch")
@@ -191,7 +191,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Label embeddings (paper supplementary B.1).
   c.label_embeddings = ml_collections.ConfigDict(dict(
-      source="pretrain",     # pretrain | file | random
+      # pretrain: per domain, a model trained on its labeled images alone (the paper) | joint:
+      # the model the run starts from (init_from / the warm start), one PCA basis over every
+      # domain's labeled pixels | file | random (the released reference code)
+      source="pretrain",
+      project_embedding=False,  # joint: the entropy module starts as that PCA projection
       # .npz/.npy per domain: "name=path,name=path", or one .npz with a key per domain
       file="",
       pretrain_steps=500,    # steps of the per-domain supervised model
@@ -280,6 +284,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.single_domain not in config.domain_names:
     raise ConfigError(f"config.single_domain={config.single_domain!r} is not in "
                       f"config.domain_names={tuple(config.domain_names)}")
+  check_choice(config, "normalization", transforms.NORMALIZATIONS)
+  check_choice(config, "miou_convention", metrics.MIOU_CONVENTIONS)
   try:
     strong_augment.StrongAugmentConfig.from_dict(config.strong_augment)
   except ValueError as e:

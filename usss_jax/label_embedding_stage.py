@@ -6,6 +6,12 @@ per-pixel features with PCA to the embedding dimension and take the class centro
 (K-means for K > 1), in two streaming passes whose memory does not grow with the number of
 images (`label_embeddings.compute_label_embeddings`). Results are saved as
 `<workdir>/label_embeddings/<domain>.npz` and reused on resume.
+source "joint": the model the run starts from (`init_from`, e.g. the warm start: a basic model
+trained on every domain) gives every domain's features; one PCA basis is fitted on all of them
+and each domain's centroids are taken in it, so that the prototypes of all domains share their
+coordinates (`label_embeddings.compute_joint_label_embeddings`). With
+`label_embeddings.project_embedding` the entropy module starts as that projection, so the
+prototypes classify pixels from the first step on.
 source "file": user-given vectors (e.g. word embeddings) per domain.
 source "random": N(0, 1) rows, as the released reference code does.
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from typing import Iterator, Sequence
@@ -25,10 +32,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from usss_jax import config as config_lib
 from usss_jax import inference, state as state_lib
 from usss_jax.data import transforms
 from usss_jax.domains import Domain
-from usss_jax.label_embeddings import compute_label_embeddings, store
+from usss_jax.label_embeddings import (SOURCES, compute_joint_label_embeddings,
+                                      compute_label_embeddings, store)
 from usss_jax.label_embeddings.store import LabelEmbeddings
 from usss_jax.train import run_training
 
@@ -99,11 +108,58 @@ def pretrain_config(config: ml_collections.ConfigDict, name: str) -> ml_collecti
   return sub
 
 
+def _joint(config: ml_collections.ConfigDict, workdir: str,
+           domains: Sequence[Domain]) -> list[np.ndarray]:
+  """Source "joint": one basis from the model of `config.init_from` (saved per domain)."""
+  paths = [os.path.join(embeddings_dir(workdir), f"{d.name}.npz") for d in domains]
+  if not all(os.path.exists(p) for p in paths):
+    model, state, _ = state_lib.restore(config_lib.run_config(config.init_from), config.init_from,
+                                        [d.num_classes for d in domains], domains[0].crop_hw,
+                                        which="latest")
+    variables = state_lib.model_variables(state)
+    options = dict(normalization=config.normalization,
+                   max_pixels_per_image=int(config.label_embeddings.max_pixels_per_image),
+                   seed=config.seed)
+    fns = [functools.partial(feature_label_batches, model, variables, d, resize_hw=d.resize_hw,
+                             **options) for d in domains]
+    computed = compute_joint_label_embeddings(
+        fns, num_classes=[d.num_classes for d in domains], dim=int(config.embedding_dim),
+        k=int(config.embeddings_per_class), seed=config.seed)
+    for embeddings, path in zip(computed, paths):
+      embeddings.source = f"joint:{config.init_from}"
+      if jax.process_index() == 0:
+        embeddings.save(path)
+  return [np.asarray(LabelEmbeddings.load(p).embeddings, np.float32) for p in paths]
+
+
+def embedding_projection(workdir: str, domains: Sequence[Domain]) -> tuple[np.ndarray, np.ndarray]:
+  """(kernel [1, 1, F, D], bias [D]) of the entropy module that computes the joint PCA
+  projection (x - mean) @ components.T of the encoder features."""
+  saved = LabelEmbeddings.load(os.path.join(embeddings_dir(workdir), f"{domains[0].name}.npz"))
+  components = np.asarray(saved.pca_components, np.float32)  # [D, F]
+  return components.T[None, None], -np.asarray(saved.pca_mean, np.float32) @ components.T
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the key for label_embeddings.* values that cannot work."""
+  config_lib.check_choice(config, "label_embeddings.source", SOURCES)
+  le = config.label_embeddings
+  if le.project_embedding and le.source != "joint":
+    raise config_lib.ConfigError("config.label_embeddings.project_embedding needs "
+                                 "config.label_embeddings.source='joint' (one PCA basis)")
+  if le.source == "joint" and not (config.init_from or config.warm_start.steps > 0):
+    raise config_lib.ConfigError(
+        "config.label_embeddings.source='joint' takes the model the run starts from: set "
+        "config.init_from or config.warm_start.steps")
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str,
             domains: Sequence[Domain]) -> list[np.ndarray]:
   """[C_d * K, D] float32 label embeddings per domain, computed once and saved in the workdir."""
   k, dim = int(config.embeddings_per_class), int(config.embedding_dim)
   source = config.label_embeddings.source
+  if source == "joint":
+    return _joint(config, workdir, domains)
   out_dir = embeddings_dir(workdir)
   result = []
   for i, domain in enumerate(domains):

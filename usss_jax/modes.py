@@ -28,6 +28,8 @@ def check_config(config: ml_collections.ConfigDict) -> objectives.MethodSpec:
   spec = objectives.method_spec(config)
   config_lib.validate_config(config)
   state_lib.make_model(config, [1 for _ in config.domain_names])
+  if spec.uses_label_embeddings:
+    label_embedding_stage.check_config(config)
   return spec
 
 
@@ -45,14 +47,16 @@ def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[di
   with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
     domains = build_domains(config, workdir)
     config = warm_start_stage.prepare(config, workdir, domains)
-    embeddings = None
+    embeddings = projection = None
     if spec.uses_label_embeddings:
       embeddings = label_embedding_stage.prepare(config, workdir, domains)
+      if config.label_embeddings.project_embedding:
+        projection = label_embedding_stage.embedding_projection(workdir, domains)
     model = state_lib.make_model(config, [d.num_classes for d in domains])
     evaluator = (evaluate.Evaluator(model, domains, config)
                  if any(d.eval_examples for d in domains) else None)
     state, results = run_training(config, workdir, domains, label_embeddings=embeddings,
-                                  evaluator=evaluator)
+                                  embedding_projection=projection, evaluator=evaluator)
   return state, results, domains
 
 

@@ -146,10 +146,12 @@ def load_run(config: ml_collections.ConfigDict, state: dict, workdir: str) -> di
 
 def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives.MethodSpec,
                   input_hw: tuple[int, int], label_embeddings: Sequence[np.ndarray],
-                  placement: NamedSharding) -> dict:
+                  placement: NamedSharding, embedding_projection=None) -> dict:
   """The state at step 0, placed on `placement`: random init (seed `config.seed`), the
   pretrained encoder if `config.pretrained` names one, the model of `config.init_from`'s run if
-  given, then the method's extras (a teacher starts as a copy of that model)."""
+  given, the entropy module set to `embedding_projection` ((kernel [1, 1, F, D], bias [D]),
+  e.g. the PCA of the label embeddings) if given, then the method's extras (a teacher starts as
+  a copy of that model)."""
   init = functools.partial(_model_state, model, tx, input_hw=tuple(input_hw),
                            label_embeddings=tuple(label_embeddings))
   state = jax.jit(init, out_shardings=placement)(init_rng(config.seed))
@@ -157,6 +159,14 @@ def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives
     state = jax.device_put(load_pretrained_encoder(config, state), placement)
   if config.get("init_from"):
     state = jax.device_put(load_run(config, state, config.init_from), placement)
+  if embedding_projection is not None:
+    kernel, bias = (jnp.asarray(x, jnp.float32) for x in embedding_projection)
+    if kernel.shape != state["params"]["embedding"]["kernel"].shape:
+      raise config_lib.ConfigError(
+          f"the label embeddings' projection {kernel.shape} does not fit the entropy module "
+          f"{state['params']['embedding']['kernel'].shape} (config.embedding_dim)")
+    params = {**state["params"], "embedding": {"kernel": kernel, "bias": bias}}
+    state = jax.device_put({**state, "params": params}, placement)
   return jax.jit(functools.partial(_with_method_state, spec), out_shardings=placement)(state)
 
 

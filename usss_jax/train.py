@@ -43,7 +43,8 @@ Evaluator = Callable[[dict], dict]
 
 def run_training(config: ml_collections.ConfigDict, workdir: str, domains: Sequence[Domain], *,
                  label_embeddings: Sequence[np.ndarray] | None = None,
-                 evaluator: Evaluator | None = None, log_prefix: str = "") -> tuple[dict, dict]:
+                 embedding_projection=None, evaluator: Evaluator | None = None,
+                 log_prefix: str = "") -> tuple[dict, dict]:
   """Trains `domains` (resuming from the newest readable checkpoint in `workdir`).
 
   Args:
@@ -51,6 +52,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, domains: Seque
     workdir: run directory (config.json, checkpoints/, metrics.jsonl, tensorboard/).
     domains: the run's domains, in head order.
     label_embeddings: [C_d * K, D] per domain; required by methods that use them.
+    embedding_projection: (kernel, bias) the entropy module starts with (see
+      `state.initial_state`), or None.
     evaluator: evaluates every `eval_every` steps and at the end (None: never).
     log_prefix: prefix of console lines (the label-embedding stage's pre-training runs).
   Returns:
@@ -73,7 +76,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, domains: Seque
   tx, schedule = state_lib.make_optimizer(config)
   mesh = sharding.make_mesh()
   state = state_lib.initial_state(config, model, tx, spec, domains[0].crop_hw, label_embeddings,
-                                  sharding.replicated(mesh))
+                                  sharding.replicated(mesh), embedding_projection)
   if jax.process_index() == 0 and not log_prefix:
     log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
   train_input = _train_input(config, spec, domains, mesh)
