@@ -231,3 +231,15 @@ def test_pretrain_label_embedding_stage_runs_and_is_reused(demo_root, tmp_path):
   again = label_embedding_stage.prepare(config, str(tmp_path), domains)
   np.testing.assert_array_equal(again[0], embs[0])
   assert (tmp_path / "label_embeddings" / "street.npz").stat().st_mtime_ns == mtime
+
+
+def test_a_run_directory_of_release_0_2_0_still_segments(tmp_path):
+  """tests/data/run_v0_2_0: a consistency run (EMA teacher) written before the restructuring
+  (config.json and label_spaces.json of that release, an orbax checkpoint of step 2)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(ROOT / "tests" / "data" / "run_v0_2_0", workdir)
+  segmenter = Segmenter.from_workdir(str(workdir), "latest")
+  assert segmenter.step == 2 and segmenter.domains == ("street", "indoor")
+  image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+  mask = segmenter.predict(image, domain="indoor")
+  assert mask.shape == (40, 56) and mask.max() < len(segmenter.classes("indoor"))
