@@ -4,12 +4,14 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from helpers import tiny_demo_config
 from usss_jax import ablation
 from usss_jax.label_embeddings import store
 
 
+@pytest.mark.slow
 def test_ablation_single_and_full(demo_root, tmp_path):
   config = tiny_demo_config(demo_root, total_steps=2, checkpoint_every=2, eval_every=2)
   config.label_embeddings.source = "pretrain"

@@ -26,6 +26,7 @@ def test_paper_configs_keep_the_paper_method_and_offer_the_recommended_variant(n
   assert set(config_lib.PAPER_VARIANTS) == {"consistency"}
 
 
+@pytest.mark.slow
 def test_variant_through_the_launcher_and_an_unknown_one_is_one_line():
   out = _resolved("configs/cs_sun.py:consistency")
   assert out.returncode == 0, out.stderr[-2000:]

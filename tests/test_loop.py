@@ -52,6 +52,7 @@ def test_run_writes_checkpoints_logs_and_evaluates(tiny_run):
   assert modes_seen == {"0o644"}, modes_seen
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_same_numbers(tiny_run, demo_root, tmp_path):
   state_b, results_b, _ = modes.embed_and_train(tiny_demo_config(demo_root, **TINY_RUN),
                                                 str(tmp_path))
@@ -68,6 +69,7 @@ modes.embed_and_train(tiny_demo_config({data!r}, **{run!r}), {workdir!r})
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_parameters(tiny_run, demo_root, tmp_path):
   workdir = tmp_path / "run_b"
   code = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), data=demo_root, run=TINY_RUN,
@@ -94,6 +96,7 @@ def test_killed_run_resumes_to_identical_parameters(tiny_run, demo_root, tmp_pat
   assert tiny_run.results["mean_miou"] == results_b["mean_miou"]
 
 
+@pytest.mark.slow
 def test_launch_eval_and_predict_modes(tiny_run, demo_root, tmp_path):
   # No --config: eval and predict read the run's own config.json.
   workdir = tmp_path / "run"
@@ -120,6 +123,7 @@ def test_launch_eval_and_predict_modes(tiny_run, demo_root, tmp_path):
   assert len(list(pred_dir.glob("*_overlay.png"))) == 16
 
 
+@pytest.mark.slow
 def test_segmenter_and_predict_mode_need_no_data(tiny_run, demo_root, tmp_path):
   # A run directory alone serves predictions: its datasets can be gone.
   workdir = tmp_path / "run"
@@ -144,6 +148,7 @@ def test_segmenter_and_predict_mode_need_no_data(tiny_run, demo_root, tmp_path):
   assert not gone.exists()  # nothing regenerated the demo data
 
 
+@pytest.mark.slow
 def test_launch_eval_refuses_a_contradicting_config(tiny_run, demo_root):
   out = run_cli("--config=configs/demo.py", f"--workdir={tiny_run.workdir}",
                 *demo_overrides(demo_root),
@@ -153,6 +158,7 @@ def test_launch_eval_refuses_a_contradicting_config(tiny_run, demo_root):
   assert "config.json" in out.stderr
 
 
+@pytest.mark.slow
 def test_launch_rejects_config_typo_and_bad_values(tmp_path):
   out = run_cli("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.alhpa=2")
   assert out.returncode != 0 and "alhpa" in out.stderr
@@ -218,6 +224,7 @@ def test_embedding_stage_matches_numpy_pca_and_centroids(demo_root, tmp_path):
   np.testing.assert_array_equal(store.LabelEmbeddings.load(str(path)).embeddings, got.embeddings)
 
 
+@pytest.mark.slow
 def test_pretrain_label_embedding_stage_runs_and_is_reused(demo_root, tmp_path):
   config = tiny_demo_config(demo_root, total_steps=2, checkpoint_every=2, eval_every=2)
   config.label_embeddings.source = "pretrain"

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
@@ -23,6 +25,7 @@ def notebook_script(path: pathlib.Path) -> str:
   return "import matplotlib\nmatplotlib.use('Agg')\n" + "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_on_cpu(tmp_path):
   script = tmp_path / "quickstart.py"
   script.write_text(notebook_script(NOTEBOOK))

@@ -196,6 +196,7 @@ def test_infomax_prior_within_term_is_the_kl_form_of_the_weak_view():
 
 # Starting from another run; the warm-start stage; resume of the new state.
 
+@pytest.mark.slow
 def test_init_from_and_the_warm_start_stage(demo_root, tmp_path):
   config = tiny_demo_config(demo_root, method="consistency", total_steps=4, eval_every=4,
                             **{"warm_start.steps": 2, "consistency.teacher": "frozen"})
@@ -212,6 +213,7 @@ def test_init_from_and_the_warm_start_stage(demo_root, tmp_path):
   assert 0 <= results["teacher"]["mean_miou"] <= 1
 
 
+@pytest.mark.slow
 def test_teacher_and_class_statistics_resume_exactly(demo_root, tmp_path, monkeypatch):
   overrides = {"consistency.teacher": "ema_train_bn", "consistency.threshold_rule": "freematch",
                "consistency.distribution_alignment": True, "consistency.ema_decay_start": 0.9,
