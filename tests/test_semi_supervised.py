@@ -276,3 +276,37 @@ def test_the_entropy_module_can_start_as_the_projection():
                     upsample_embedding=False, features=True)
   want = (np.asarray(out["features"], np.float64) - mean) @ components.T.astype(np.float64)
   np.testing.assert_allclose(out["embedding"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_consistency_trains_the_other_head_on_its_pseudo_labels():
+  overrides = {"consistency.threshold": 0.0, "cross_consistency.weight": 0.5,
+               "consistency.teacher": "ema"}
+  _, spec, model, state, step = _build("consistency", **overrides)
+  batch = _batch()
+  _, m = step(_copy(state), batch)
+  # Domain a's images: head 1 (domain b's) labels the weak view with the EMA teacher (eval
+  # BN), and is trained on the CutMixed strong view (BN statistics: after a's labeled forward).
+  variables = state_lib.model_variables(state)
+  _, upd = model.apply(variables, batch["a"]["labeled"]["image"], train=True, head=0,
+                       mutable=["batch_stats"])
+  unl = batch["a"]["unlabeled"]
+  teacher = model.apply(state["teacher"], unl["image"], train=False, head=1)["logits"]
+  labels = np.asarray(jnp.argmax(teacher, -1))
+  partner = np.roll(np.arange(8), -1)
+  box = unl["cutmix_mask"]
+  mix = lambda x: np.where(box.reshape(box.shape + (1,) * (np.ndim(x) - 3)),
+                           np.asarray(x)[partner], np.asarray(x))
+  out, _ = model.apply({"params": state["params"], "batch_stats": upd["batch_stats"]},
+                       mix(unl["strong"]), train=True, head=None, mutable=["batch_stats"])
+  logits = np.asarray(out["logits"][1], np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, mix(labels)[..., None], -1)[..., 0]
+  valid = mix(unl["valid"])
+  np.testing.assert_allclose(float(m["cross_consistency/a"]), (nll * valid).sum() / valid.sum(),
+                             rtol=2e-4)
+  np.testing.assert_allclose(
+      float(m["loss"]), float(m["supervised/a"] + m["supervised/b"] + m["consistency/a"]
+                              + m["consistency/b"]
+                              + 0.5 * (m["cross_consistency/a"] + m["cross_consistency/b"])),
+      rtol=1e-5)

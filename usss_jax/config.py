@@ -186,6 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay_start=-1.0,  # >= 0: the decay ramps linearly from it to ema_decay ...
       ema_decay_rampup=0,    # ... over these steps
   ))
+  # > 0: every other domain's head learns on a domain's unlabeled images the same way (its
+  # weak-view pseudo-labels train it on the strong view): objectives/cross_consistency.py.
+  c.cross_consistency = ml_collections.ConfigDict(dict(weight=0.0))
   c.strong_augment = ml_collections.ConfigDict(
       dataclasses.asdict(strong_augment.StrongAugmentConfig()))  # data/strong_augment.py
 

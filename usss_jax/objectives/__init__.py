@@ -17,6 +17,7 @@ table order and minimises sum over terms of weight x (sum over domains of the te
 | within | alignment.py | beta | the same against the domain's own prototypes |
 | ser | ser.py | ser_weight | softmax entropy of the head on unlabeled images |
 | consistency | consistency.py | consistency.weight | pseudo-labels of the weak view train the strong view |
+| cross_consistency | cross_consistency.py | cross_consistency.weight | the same for every other domain's head on the domain's images |
 
 Adding an objective: write `objectives/<name>.py` ending in `TERM = Term(...)`, import it here
 and add it to the rows of METHODS that use it; its config keys go into `config.base_config()`.
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from usss_jax import config as config_lib
-from usss_jax.objectives import (alignment, class_statistics, consistency, prototype, ser,
-                                 supervised)
+from usss_jax.objectives import (alignment, class_statistics, consistency, cross_consistency,
+                                 prototype, ser, supervised)
 from usss_jax.objectives.context import DomainContext, VIEWS
 from usss_jax.objectives.term import Term
 
@@ -50,9 +51,11 @@ METHODS: dict[str, tuple[Term, ...]] = {
     # The direct softmax-entropy baseline (SER).
     "ser": (supervised.TERM, ser.TERM),
     # Weak-to-strong consistency per domain (FixMatch / UniMatch).
-    "consistency": (supervised.TERM, consistency.TERM),
+    # With cross_consistency.weight > 0 every other domain's head learns on the domain's
+    # unlabeled images too.
+    "consistency": (supervised.TERM, consistency.TERM, cross_consistency.TERM),
     # Consistency plus the terms of full, aligned on the strong view.
-    "universal": (supervised.TERM, prototype.TERM, consistency.TERM,
+    "universal": (supervised.TERM, prototype.TERM, consistency.TERM, cross_consistency.TERM,
                   alignment.CROSS_ON_STRONG, alignment.WITHIN_ON_STRONG),
 }
 
@@ -145,6 +148,8 @@ def _merge_views(reads: list[Mapping[str, Mapping[str, bool]]]) -> dict[str, dic
                                      "upsample_embedding": True})
       out["logits"] |= flags.get("logits", False)
       out["embedding"] |= flags.get("embedding", False)
+      if flags.get("all_heads"):
+        out["all_heads"] = True
       if "upsample_embedding" in flags:
         out["upsample_embedding"] = flags["upsample_embedding"]
   return merged

@@ -80,15 +80,35 @@ def consistency_options(config: ml_collections.ConfigDict) -> ConsistencyOptions
                             int(c.ema_decay_rampup))
 
 
-def _teacher_probabilities(params, batch_stats, weak: jax.Array, ctx: DomainContext,
-                           opts: ConsistencyOptions):
-  """([B, H, W, C] teacher probabilities without gradient, batch_stats)."""
+def teacher_probabilities(params, batch_stats, weak: jax.Array, ctx: DomainContext,
+                          opts: ConsistencyOptions, head: int | None = None):
+  """([B, H, W, C] probabilities of head `head` (default: the domain's) on the weak view,
+  without gradient; batch_stats). The teacher's forward runs once per domain and step (every
+  head, when a term reads other heads: `cross_consistency`)."""
+  head = ctx.index if head is None else head
   if opts.teacher == "student":
     out, batch_stats = ctx.view("weak", params, batch_stats, weak)
   else:
-    out, _ = forward(ctx.model, ctx.state["teacher"], weak, train=opts.teacher == "ema_train_bn",
-                     head=ctx.index)
-  return jax.nn.softmax(jax.lax.stop_gradient(out["logits"]).astype(jnp.float32)), batch_stats
+    if "teacher" not in ctx.memo:
+      all_heads = ctx.spec.view_outputs.get("weak", {}).get("all_heads", False)
+      out, _ = forward(ctx.model, ctx.state["teacher"], weak,
+                       train=opts.teacher == "ema_train_bn",
+                       head=None if all_heads else ctx.index)
+      ctx.memo["teacher"] = ({"all_logits": out["logits"], "logits": out["logits"][ctx.index]}
+                             if all_heads else out)
+    out = ctx.memo["teacher"]
+  logits = out["logits"] if head == ctx.index else out["all_logits"][head]
+  return jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32)), batch_stats
+
+
+def strong_view(params, batch_stats, unlabeled: dict, ctx: DomainContext):
+  """(outputs of the CutMixed strong view, batch_stats, mix): `mix(x)` applies the same CutMix
+  (example i takes a box of example i + 1) to weak-view pseudo-labels, confidences, masks."""
+  partner = jnp.roll(jnp.arange(unlabeled["image"].shape[0]), -1)
+  box = unlabeled["cutmix_mask"]
+  out, batch_stats = ctx.view("strong", params, batch_stats,
+                              losses.cutmix(unlabeled["strong"], box, partner))
+  return out, batch_stats, lambda x: losses.cutmix(x, box, partner)
 
 
 def _pseudo_labels(probs: jax.Array, ctx: DomainContext, opts: ConsistencyOptions):
@@ -117,8 +137,7 @@ def weak_to_strong_consistency(params, batch_stats, domain_batch: dict, ctx: Dom
   crop padding)}.
   """
   opts, unlabeled = ctx.options("consistency"), domain_batch["unlabeled"]
-  weak = unlabeled["image"]
-  probs, batch_stats = _teacher_probabilities(params, batch_stats, weak, ctx, opts)
+  probs, batch_stats = teacher_probabilities(params, batch_stats, unlabeled["image"], ctx, opts)
   labels, confidence, threshold = _pseudo_labels(probs, ctx, opts)
   confident = confidence >= threshold
   if opts.class_statistics:
@@ -126,12 +145,8 @@ def weak_to_strong_consistency(params, batch_stats, domain_batch: dict, ctx: Dom
     count = jnp.maximum(jnp.sum(valid), 1.0)
     ctx.aux["teacher_probability"] = jnp.sum(probs * valid, axis=(0, 1, 2)) / count
     ctx.aux["teacher_confidence"] = jnp.sum(jnp.max(probs, axis=-1) * valid[..., 0]) / count
-  partner = jnp.roll(jnp.arange(weak.shape[0]), -1)
-  box = unlabeled["cutmix_mask"]
-  strong = losses.cutmix(unlabeled["strong"], box, partner)
-  labels, confident, valid = (losses.cutmix(x, box, partner)
-                              for x in (labels, confident, unlabeled["valid"]))
-  out, batch_stats = ctx.view("strong", params, batch_stats, strong)
+  out, batch_stats, mix = strong_view(params, batch_stats, unlabeled, ctx)
+  labels, confident, valid = (mix(x) for x in (labels, confident, unlabeled["valid"]))
   loss = losses.consistency_cross_entropy(out["logits"], labels, confident.astype(jnp.float32),
                                           threshold=0.5, valid=valid)
   return loss, batch_stats, _diagnostics(labels, confident & valid, valid, probs.shape[-1], ctx)

@@ -93,12 +93,16 @@ class DomainContext:
       images: [B, H, W, 3] the view's images.
       train: batch statistics (True) or the running statistics.
     Returns:
-      (outputs: "logits" [B, H, W, C] and what `spec.view_outputs[view]` asks for,
-       batch_stats).
+      (outputs: "logits" [B, H, W, C] and what `spec.view_outputs[view]` asks for (with
+       "all_heads": "all_logits", every head's logits), batch_stats).
     """
     if view in self.outputs:
       return self.outputs[view], batch_stats
+    flags = dict(self.spec.view_outputs.get(view, {}))
+    all_heads = flags.pop("all_heads", False)
     out, batch_stats = forward(self.model, {"params": params, "batch_stats": batch_stats}, images,
-                               train=train, head=self.index, **self.spec.view_outputs.get(view, {}))
+                               train=train, head=None if all_heads else self.index, **flags)
+    if all_heads:
+      out = {**out, "all_logits": out["logits"], "logits": out["logits"][self.index]}
     self.outputs[view] = out
     return out, batch_stats
