@@ -16,7 +16,8 @@ def get_config(arg: str | None = None):
   c.domain_names = ("camvid", "idd_lite")
   c.domains.camvid = config_lib.domain("camvid", config_lib.dataset_root("camvid"),
                                        crop=(96, 128), resize=(180, 240), eval_resize=(180, 240),
-                                       scale_range=(0.8, 1.2), eval_split="test", list_suffix=".subset")
+                                       scale_range=(0.8, 1.2), eval_split="test",
+                                       list_suffix=".subset")
   c.domains.idd_lite = config_lib.domain("idd_lite", config_lib.dataset_root("idd_lite"),
                                          crop=(96, 128), resize=(114, 160), eval_resize=(114, 160),
                                          scale_range=(0.8, 1.2), eval_split="val", holdout=200)

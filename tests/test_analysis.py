@@ -337,7 +337,8 @@ def test_cli_end_to_end(analysis_run, small_demo, tmp_path):
 
   # tsne: the run against itself gives two identical panels.
   png = tmp_path / "tsne" / "tsne.png"
-  out = run_analysis("tsne", config_path, workdir, f"--output={png}", f"--compare_workdir={workdir}",
+  out = run_analysis("tsne", config_path, workdir, f"--output={png}",
+                     f"--compare_workdir={workdir}",
                 "--labels=first,second", "--per_class=8", "--max_pixels_per_image=32")
   assert_png(str(png))
   points = np.load(out["points"])

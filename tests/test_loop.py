@@ -199,8 +199,9 @@ def test_embedding_stage_matches_numpy_pca_and_centroids(demo_root, tmp_path):
                                         seed=1)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   dom = domains[0]
-  got = label_embedding_stage.compute_from_model(model, variables, dom, k=1, dim=6, normalization="imagenet",
-                                 max_pixels_per_image=10**9, seed=0)
+  got = label_embedding_stage.compute_from_model(model, variables, dom, k=1, dim=6,
+                                                 normalization="imagenet",
+                                                 max_pixels_per_image=10**9, seed=0)
   # NumPy float64 reference: every labeled cell-centre pixel, full PCA, class means.
   feats, labels = [], []
   for f, l in label_embedding_stage.feature_label_batches(

@@ -245,7 +245,8 @@ def test_teacher_and_class_statistics_resume_exactly(demo_root, tmp_path, monkey
 
 def test_joint_label_embeddings_share_one_pca_basis_like_numpy():
   rng = np.random.default_rng(3)
-  rows = [(rng.normal(size=(60, 5)) + 2.0 * d, rng.integers(0, c, 60)) for d, c in enumerate((3, 4))]
+  rows = [(rng.normal(size=(60, 5)) + 2.0 * d, rng.integers(0, c, 60))
+          for d, c in enumerate((3, 4))]
   got = compute_joint_label_embeddings([lambda r=r: [r] for r in rows], num_classes=[3, 4], dim=2)
   x = np.concatenate([r[0] for r in rows])
   mean = x.mean(0)

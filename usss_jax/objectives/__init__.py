@@ -9,15 +9,17 @@ domain's `context.DomainContext` (its head, the state before the step, the forwa
 terms already ran). The train step runs, for every domain in head order, the method's terms in
 table order and minimises sum over terms of weight x (sum over domains of the term's loss).
 
-| term | file | weight | what it does |
-|---|---|---|---|
-| supervised | supervised.py | 1 | cross entropy of the labeled pixels (ignore 255) |
-| prototype | prototype.py | prototype_loss_weight | cross entropy of labeled pixels' prototype scores; diagnostics; EMA prototypes (label_embeddings.ema_theta) |
-| cross | alignment.py | alpha | entropy of unlabeled pixels' scores against the other domains' prototypes |
-| within | alignment.py | beta | the same against the domain's own prototypes |
-| ser | ser.py | ser_weight | softmax entropy of the head on unlabeled images |
-| consistency | consistency.py | consistency.weight | pseudo-labels of the weak view train the strong view |
-| cross_consistency | cross_consistency.py | cross_consistency.weight | the same for every other domain's head on the domain's images |
+supervised (supervised.py, weight 1): cross entropy of the labeled pixels (ignore 255).
+prototype (prototype.py, prototype_loss_weight): cross entropy of the labeled pixels' prototype
+  scores; the prototype diagnostics; EMA prototypes (label_embeddings.ema_theta).
+cross, within (alignment.py, alpha, beta): the unlabeled pixels' scores against the other
+  domains' / the domain's own prototypes (entropy, or information maximisation).
+ser (ser.py, ser_weight): softmax entropy of the head on unlabeled images.
+consistency (consistency.py, consistency.weight): pseudo-labels of the weak view train the
+  strong view.
+cross_consistency (cross_consistency.py, cross_consistency.weight): the same for every other
+  domain's head on the domain's images.
+class_statistics (class_statistics.py, no loss): class frequencies for class-aware terms.
 
 Adding an objective: write `objectives/<name>.py` ending in `TERM = Term(...)`, import it here
 and add it to the rows of METHODS that use it; its config keys go into `config.base_config()`.
