@@ -49,17 +49,10 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
       metrics["unlabeled_weight"] = unlabeled_scale
     for d, name in enumerate(domain_names):
       ctx = DomainContext(model, spec, d, name, spec.trained_domains[d], state)
-      labeled = [i for i, t in enumerate(spec.terms) if not t.unlabeled]
-      losses, batch_stats, domain_metrics = _run_terms(
-          [spec.terms[i] for i in labeled], params, batch_stats, batch[name], ctx)
-      unlabeled = [i for i, t in enumerate(spec.terms) if t.unlabeled]
-      if unlabeled and "unlabeled" in batch[name]:
-        more, batch_stats, unlabeled_metrics = _unlabeled_terms(
-            spec, [spec.terms[i] for i in unlabeled], params, batch_stats, batch[name], ctx)
-        labeled, losses = labeled + unlabeled, losses + more
-        domain_metrics.update(unlabeled_metrics)
+      losses, batch_stats, domain_metrics = _domain_terms(spec, params, batch_stats, batch[name],
+                                                          ctx)
       metrics.update(domain_metrics)
-      for i, loss in zip(labeled, losses):
+      for i, loss in losses.items():
         if loss is not None and spec.weights[i] != 0:
           per_term[i].append(loss)
           metrics[f"{spec.terms[i].name}/{name}"] = loss
@@ -87,6 +80,23 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
     return new_state, metrics
 
   return train_step
+
+
+def _domain_terms(spec: MethodSpec, params, batch_stats, domain_batch: dict,
+                  ctx: DomainContext):
+  """({term index: its loss or None}, batch_stats, metrics) of one domain's batch: the terms of
+  the labeled images, then those of the unlabeled images if the domain has any."""
+  labeled = [i for i, t in enumerate(spec.terms) if not t.unlabeled]
+  losses, batch_stats, metrics = _run_terms([spec.terms[i] for i in labeled], params,
+                                            batch_stats, domain_batch, ctx)
+  out = dict(zip(labeled, losses))
+  unlabeled = [i for i, t in enumerate(spec.terms) if t.unlabeled]
+  if unlabeled and "unlabeled" in domain_batch:
+    losses, batch_stats, more = _unlabeled_terms(spec, [spec.terms[i] for i in unlabeled],
+                                                 params, batch_stats, domain_batch, ctx)
+    out.update(zip(unlabeled, losses))
+    metrics.update(more)
+  return out, batch_stats, metrics
 
 
 def _run_terms(terms, params, batch_stats, domain_batch: dict, ctx: DomainContext):
