@@ -145,6 +145,15 @@ def base_config() -> ml_collections.ConfigDict:
   # steps > 0: first a supervised (basic) run of that many steps in <workdir>/warm_start, which
   # the run then starts from (usss_jax/warm_start_stage.py).
   c.warm_start = ml_collections.ConfigDict(dict(steps=0))
+  # steps > 0: first a dense contrastive pretraining of the encoder on every domain's unlabeled
+  # training images in <workdir>/self_supervised, which the run then starts from
+  # (usss_jax/self_supervised_stage.py; the options: usss_jax/self_supervised/pretrain.py).
+  c.self_supervised = ml_collections.ConfigDict(dict(
+      steps=0, batch_per_domain=8, learning_rate=0.05, warmup_steps=100, optimizer="sgd",
+      momentum=0.9, weight_decay=1e-4, temperature=0.2, exclude_radius=0,
+      projection_hidden=128, projection_dim=64, max_shift_cells=(3, 4),
+      scale_range=(),  # () = each domain's training scale_range
+      log_every=50))
   c.embedding_dim = 128
   c.embeddings_per_class = 1  # K prototypes per class (K-means when > 1)
   c.upsample = "transposed"   # "transposed" (reference, attenuated border) | "resize"

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from usss_jax import config as config_lib
 from usss_jax import evaluate, files, inference, label_embedding_stage, objectives, segmenter
-from usss_jax import warm_start_stage
+from usss_jax import self_supervised_stage, warm_start_stage
 from usss_jax import state as state_lib
 from usss_jax import workdir as workdir_lib
 from usss_jax.data.base import load_rgb
@@ -28,14 +28,15 @@ def check_config(config: ml_collections.ConfigDict) -> objectives.MethodSpec:
   spec = objectives.method_spec(config)
   config_lib.validate_config(config)
   state_lib.make_model(config, [1 for _ in config.domain_names])
+  self_supervised_stage.check_config(config)
   if spec.uses_label_embeddings:
     label_embedding_stage.check_config(config)
   return spec
 
 
 def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict, list]:
-  """The stages (warm start, label embeddings) where the config asks for them, then (resumed)
-  training.
+  """The stages (self-supervised pretraining, warm start, label embeddings) where the config
+  asks for them, then (resumed) training.
 
   Holds the workdir's lock and turns SIGTERM / SIGINT into a checkpoint and `Stopped`
   (`usss_jax.workdir.RunGuard`).
@@ -46,6 +47,7 @@ def embed_and_train(config: ml_collections.ConfigDict, workdir: str) -> tuple[di
   spec = check_config(config)
   with workdir_lib.RunGuard(workdir, is_main=jax.process_index() == 0):
     domains = build_domains(config, workdir)
+    config = self_supervised_stage.prepare(config, workdir, domains)
     config = warm_start_stage.prepare(config, workdir, domains)
     embeddings = projection = None
     if spec.uses_label_embeddings:
