@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 
+from absl import flags
 import numpy as np
 import pytest
 import tqdm
@@ -250,6 +251,8 @@ def test_ablation_checks_every_flag_before_the_first_run(tmp_path, demo_root, en
        "error: --recommended='full' is not among --methods=basic"),
       (["--methods=basic", "--config.learning_rate=0"],
        "error: config.learning_rate=0.0 must be positive"),
+      (["--methods=basic", "--upper_labeled=-5"], "error: --upper_labeled=-5: expected a number "
+       "of labeled images per domain, or 0 for no upper reference row"),
   ]
   for args, first_line in cases:
     out = run_cli(*flags, *args, module="usss_jax.ablation", env=env)
@@ -315,6 +318,20 @@ def test_log_lines_are_written_above_the_progress_bar(monkeypatch):
   # The bar is cleared (carriage return) before the line, and the line ends with a newline.
   assert "\rsaved checkpoint 3\n" in text or "\nsaved checkpoint 3\n" in text, repr(text)
   assert "]saved" not in text
+
+
+@pytest.mark.parametrize("verbosity,level", [(0, logging.INFO), (1, logging.DEBUG)])
+def test_verbosity_one_shows_the_debug_events(verbosity, level, monkeypatch):
+  # The parameter table is logged at DEBUG: --verbosity=1 shows it, the default does not.
+  events = logging.getLogger("usss_jax")
+  monkeypatch.setattr(events, "handlers", [])
+  monkeypatch.setattr(events, "propagate", events.propagate)
+  monkeypatch.setattr(events, "level", events.level)
+  monkeypatch.setattr(flags.FLAGS["verbosity"], "value", verbosity)
+  monkeypatch.setattr(flags.FLAGS["verbosity"], "present", 1)
+  assert cli.setup_logging() is events
+  assert events.level == level and len(events.handlers) == 1
+  assert isinstance(events.handlers[0], cli._TqdmHandler)
 
 
 # 6. What eval and predict write.

@@ -351,7 +351,7 @@ cli.define_data_root_flag()
 
 
 def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequence[str],
-                recommended: str | None) -> list[int]:
+                recommended: str | None, upper_labeled: int = 0) -> list[int]:
   """Every flag checked before the first run: the integer seeds."""
   if config is None:
     raise app.UsageError("--config is required")
@@ -371,6 +371,9 @@ def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequ
                          ) from None
   if not parsed:
     raise app.UsageError("--seeds is empty: name at least one seed")
+  if upper_labeled < 0:
+    raise app.UsageError(f"--upper_labeled={upper_labeled}: expected a number of labeled images "
+                         "per domain, or 0 for no upper reference row")
   for method in methods:  # each method's own keys, and the datasets, before any training
     modes.check_config(_run_config(config, method, parsed[0]))
   config_lib.check_dataset_roots(config)
@@ -381,7 +384,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   seeds = check_flags(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _METHODS.value,
-                      _RECOMMENDED.value)
+                      _RECOMMENDED.value, _UPPER.value)
   cli.setup_logging()
   try:
     out = run_ablation(_CONFIG.value, _WORKDIR.value, seeds, _METHODS.value,

@@ -193,7 +193,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, keep_best: bool = True,
                best_metric: str = "mean_miou", best_mode: str = "max",
-               async_save: bool = False, read_only: bool = False):
+               async_save: bool = False):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
@@ -205,8 +205,6 @@ class Checkpointer:
       async_save: if True, `save` returns once arrays are copied off the
         device and files are written in the background; call `wait()` before
         reading the files and `close()` at the end.
-      read_only: only restore (evaluation, prediction, analyses): nothing is created, cleaned
-        up or deleted, so reading a run that is still training leaves its saves alone.
     Raises:
       CheckpointError: `directory` holds things that are not our checkpoints.
     """
@@ -222,16 +220,15 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.keep_best = keep_best
-    prepare = _scan_directory if read_only else _remove_interrupted
-    prepare(self.directory, allow_best=True)
-    self._manager = self._make_manager(self.directory, max_to_keep, async_save, read_only)
+    _remove_interrupted(self.directory, allow_best=True)
+    self._manager = self._make_manager(self.directory, max_to_keep, async_save)
     self._best_manager = None
     self._best_value = None
     if keep_best:
       best_dir = self.directory / _BEST_SUBDIR
-      prepare(best_dir, allow_best=False)
+      _remove_interrupted(best_dir, allow_best=False)
       self._best_manager = self._make_manager(
-          best_dir, 1, async_save, read_only,
+          best_dir, 1, async_save,
           best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
       best_step = self._best_manager.best_step()
       if best_step is not None:
@@ -244,12 +241,12 @@ class Checkpointer:
 
   @staticmethod
   def _make_manager(directory: epath.Path, max_to_keep: int, async_save: bool,
-                    read_only: bool = False, **options) -> ocp.CheckpointManager:
+                    **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only, create=not read_only,
+            cleanup_tmp_directories=True, create=True,
             keep_checkpoints_without_metrics="best_fn" not in options, **options),
         item_handlers={_STATE_ITEM: ocp.StandardCheckpointHandler(),
                        _EXTRA_ITEM: ocp.JsonCheckpointHandler()})

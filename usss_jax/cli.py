@@ -135,18 +135,21 @@ class _TqdmHandler(py_logging.StreamHandler):
       self.handleError(record)
 
 
-def setup_logging() -> None:
-  """Events of the `usss_jax` logger on stderr as `HH:MM:SS message`, above the progress bar;
-  absl (and Orbax through it) at WARNING unless --verbosity was given."""
-  if not flags.FLAGS["verbosity"].present:
+def setup_logging() -> py_logging.Logger:
+  """Events of the `usss_jax` logger on stderr as `HH:MM:SS message`, above the progress bar,
+  at DEBUG with --verbosity>=1 (the parameter table, ...), else INFO; absl (and Orbax through
+  it) at WARNING unless --verbosity was given. Returns the `usss_jax` logger."""
+  verbosity = flags.FLAGS["verbosity"]
+  if not verbosity.present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
   events = py_logging.getLogger("usss_jax")
   if not events.handlers:
     handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     events.addHandler(handler)
-    events.setLevel(py_logging.DEBUG if flags.FLAGS.verbosity >= 1 else py_logging.INFO)
     events.propagate = False
+  events.setLevel(py_logging.DEBUG if (verbosity.value or 0) >= 1 else py_logging.INFO)
+  return events
 
 
 class ArgumentParser(argparse.ArgumentParser):

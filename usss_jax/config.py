@@ -376,7 +376,6 @@ VALUE_RANGES = {
 }
 
 
-
 def check_range(config: ml_collections.ConfigDict, key: str, low, high, meaning: str) -> None:
   """ConfigError unless `config.<key>` (dotted; absent keys pass) is a finite number in range."""
   try:

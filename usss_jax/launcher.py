@@ -151,8 +151,7 @@ def main(argv):
   mode, workdir = _MODE.value, _WORKDIR.value
   if workdir is None and mode != "config":
     raise app.UsageError("--workdir is required")
-  cli.setup_logging()
-  events = py_logging.getLogger("usss_jax")
+  events = cli.setup_logging()
   if mode in ("eval", "predict"):
     modes.require_run(workdir)  # before anything is read or written
     if mode == "predict" and not _INPUT.value:
