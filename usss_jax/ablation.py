@@ -363,7 +363,8 @@ def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequ
     raise app.UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from "
                          f"{','.join(METHOD_ORDER)}")
   if recommended is not None and recommended not in methods:
-    raise app.UsageError(f"--recommended={recommended!r} is not among --methods={','.join(methods)}")
+    raise app.UsageError(f"--recommended={recommended!r} is not among "
+                         f"--methods={','.join(methods)}")
   try:
     parsed = [int(s) for s in seeds]
   except ValueError:

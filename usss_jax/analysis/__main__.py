@@ -82,14 +82,16 @@ def run_command(command: str, flag_values: flags.FlagValues = flags.FLAGS) -> di
     if not fv.input:
       raise app.UsageError("predict_any needs --input (an image or a folder)")
     return commands.predict_any(config, workdir, fv.input, label_space=fv.label_space,
-                       output=fv.output, which=fv.checkpoint, max_images=fv.max_images)
+                                output=fv.output, which=fv.checkpoint,
+                                max_images=fv.max_images)
   if command == "correspondence":
-    return commands.correspondence(config, workdir, domain_a=fv.domain_a, domain_b=fv.domain_b,
-                          output=fv.output, which=fv.checkpoint, max_images=fv.max_images)
+    return commands.correspondence(config, workdir, domain_a=fv.domain_a,
+                                   domain_b=fv.domain_b, output=fv.output,
+                                   which=fv.checkpoint, max_images=fv.max_images)
   return commands.tsne(config, workdir, output=fv.output, compare_workdir=fv.compare_workdir,
-              labels=fv.labels, which=fv.checkpoint, per_class=fv.per_class,
-              max_pixels_per_image=fv.max_pixels_per_image, perplexity=fv.perplexity,
-              seed=fv.seed, max_images=fv.max_images)
+                       labels=fv.labels, which=fv.checkpoint, per_class=fv.per_class,
+                       max_pixels_per_image=fv.max_pixels_per_image,
+                       perplexity=fv.perplexity, seed=fv.seed, max_images=fv.max_images)
 
 
 def _is_matrix(value) -> bool:

@@ -63,11 +63,13 @@ def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, sta
           f"(method {config.method!r} does not train with them) and {path} does not exist")
     emb = np.asarray(LabelEmbeddings.load(path).embeddings, np.float32)
   if emb.shape[0] != dom.num_classes * k:
-    raise config_lib.ConfigError(f"{workdir}: label embeddings of {dom.name!r} have {emb.shape[0]} rows, "
-                     f"expected {dom.num_classes} classes x {k} prototypes")
+    raise config_lib.ConfigError(f"{workdir}: label embeddings of {dom.name!r} have "
+                                 f"{emb.shape[0]} rows, expected {dom.num_classes} classes x "
+                                 f"{k} prototypes")
   if int(config.embedding_dim) and emb.shape[1] != int(config.embedding_dim):
     raise config_lib.ConfigError(f"{workdir}: label embeddings of {dom.name!r} have dimension "
-                     f"{emb.shape[1]}, the model's embedding_dim is {config.embedding_dim}")
+                                 f"{emb.shape[1]}, the model's embedding_dim is "
+                                 f"{config.embedding_dim}")
   return emb
 
 
@@ -81,7 +83,7 @@ def _eval_examples(dom: Domain, max_images: int) -> list:
   examples = dom.eval_examples[:max_images] if max_images > 0 else dom.eval_examples
   if not examples:
     raise config_lib.ConfigError(f"domain {dom.name!r} has no evaluation examples "
-                     f"(set config.domains.{dom.name}.eval_split)")
+                                 f"(set config.domains.{dom.name}.eval_split)")
   return examples
 
 
