@@ -242,7 +242,7 @@ def test_analysis_errors_come_before_any_restore(run_copy, tmp_path, env):
 
 def test_ablation_checks_every_flag_before_the_first_run(tmp_path, demo_root, env):
   workdir = tmp_path / "ablation"
-  flags = ["--config=configs/demo.py", *demo_overrides(demo_root), f"--workdir={workdir}"]
+  flags = [*_demo_flags(demo_root), f"--workdir={workdir}"]
   methods = ",".join(["single", "basic", "cross", "full", "ser", "consistency", "universal"])
   cases = [
       (["--methods=basic,nosuch"], f"error: --methods: unknown ['nosuch']; choose from {methods}"),
