@@ -363,6 +363,6 @@ def test_cli_errors_name_the_problem(analysis_run):
     run_analysis("tsne", config_path, workdir, "--labels=a,b")
   with pytest.raises(Exception, match="unknown command"):
     run_analysis("nonsense", config_path, workdir)
-  with pytest.raises(Exception, match="no checkpoint directory"):
+  with pytest.raises(Exception, match="no such run directory"):
     run_analysis("correspondence", config_path, os.path.join(workdir, "missing"),
             "--domain_a=street", "--domain_b=indoor")

@@ -196,7 +196,7 @@ def test_cli_as_module_reports_bad_input(fixtures_dir, tmp_path):
        "--output", str(tmp_path / "out.npz")],
       capture_output=True, text=True, check=False, cwd=PROJECT_ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(PROJECT_ROOT)})
-  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "weights.npz" in result.stderr and "layer0.0.weight: expected [16, 3, 7, 7]" in (
       result.stderr)
   assert not (tmp_path / "out.npz").exists()

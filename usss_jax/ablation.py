@@ -1,7 +1,7 @@
-"""Ablation runner: single / basic / cross / full / ser over several seeds, one table.
+"""Ablation runner: methods x seeds on paired splits, one table and two figures.
 
   python -m usss_jax.ablation --config=configs/camvid_iddlite.py --workdir=runs/ablation \\
-      --seeds=0,1,2 [--methods=single,basic,cross,full,ser] [--config.key=value ...]
+      --seeds=0,1,2 [--methods=single,basic,full,consistency] [--config.key=value ...]
 
 Per seed (the labeled/unlabeled split depends on the seed and is shared by every
 method of that seed):
@@ -11,12 +11,14 @@ method of that seed):
               run where it is the source; the frozen-encoder transfer numbers go to
               the JSON details.
   label embeddings: the encoder of single_<d> defines d's label embeddings (PCA +
-              centroids, the paper's B.1) for cross and full, so they are computed
-              once per seed and copied into those runs.
-  basic, cross, full, ser: universal runs with the config's alpha, beta, ser_weight.
+              centroids, the paper's B.1) for the methods that use them, so they are
+              computed once per seed and copied into those runs.
+  every other method (by default all of METHOD_HELP): a universal run of that method.
 Finished runs are skipped, so an interrupted ablation resumes where it stopped.
-Writes <workdir>/results.json (method -> seed -> domain -> mIoU), results_details.json
-and results.md (mean ± std over seeds, and per-class IoU like the paper's Table 2).
+Writes <workdir>/results.json (method -> seed -> domain -> mIoU), results_details.json,
+results.md (mean ± std over seeds, paired differences to basic, per-class IoU like the
+paper's Table 2), results.png (mIoU bars) and unsupervised_terms.png (the unsupervised
+diagnostics over training).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -40,12 +41,23 @@ from ml_collections import config_flags
 from scipy import stats
 
 from usss_jax import cli, evaluate, files, label_embedding_stage, metric_writers, modes, objectives
+from usss_jax import config as config_lib
 from usss_jax import state as state_lib
 from usss_jax import workdir as workdir_lib
 from usss_jax.analysis import plots
 from usss_jax.data import registry
 
 METHOD_ORDER = tuple(objectives.METHODS)
+# One line per method for --help (the README's table of methods says more).
+METHOD_HELP = {
+    "single": "one domain's labels train the encoder, the other heads learn on it frozen",
+    "basic": "joint supervised training of all domains (univ-basic)",
+    "cross": "+ the cross-domain label-embedding term (alpha)",
+    "full": "+ cross- and within-domain label-embedding terms (univ-full)",
+    "ser": "+ the softmax entropy of each head on unlabeled images",
+    "consistency": "+ weak-to-strong consistency per domain",
+    "universal": "consistency + the terms of full",
+}
 
 
 def uses_label_embeddings(method: str) -> bool:
@@ -319,28 +331,65 @@ def unsupervised_curves(workdir: str) -> dict:
   return curves
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+HELP = ("python -m usss_jax.ablation --config=CONFIG --workdir=DIR [--seeds=0,1,2] "
+        "[--methods=...]: every method x seed on paired splits -> results.{json,md,png}, "
+        "unsupervised_terms.png. Finished runs are skipped (rerun to resume).\n\nmethods "
+        f"(--methods, default all {len(METHOD_ORDER)}):\n" +
+        "".join(f"  {m:12s} {METHOD_HELP.get(m, '')}\n" for m in METHOD_ORDER))
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (required).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation directory (one subfolder per run).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation directory, one subfolder per seed and "
+                               "run (required).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (integers); each seed's split is "
+                           "shared by its methods.")
 _RECOMMENDED = flags.DEFINE_string("recommended", None, "The method this experiment recommends "
                                    "(chosen on validation data); recorded in results.json.")
-_METHODS = flags.DEFINE_list("methods", list(METHOD_ORDER), "Methods to run.")
+_METHODS = flags.DEFINE_list("methods", list(METHOD_ORDER), "Methods to run (listed above).")
 _UPPER = flags.DEFINE_integer("upper_labeled", 0, "Also basic with this many labeled images per "
                               "domain (the upper reference row), 0 = not.")
+cli.define_data_root_flag()
+
+
+def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequence[str],
+                recommended: str | None, upper_labeled: int = 0) -> list[int]:
+  """Every flag checked before the first run: the integer seeds."""
+  if config is None:
+    raise app.UsageError("--config is required")
+  if not workdir:
+    raise app.UsageError("--workdir is required")
+  modes.check_workdir(workdir)
+  unknown = [m for m in methods if m not in METHOD_ORDER]
+  if unknown or not methods:
+    raise app.UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from "
+                         f"{','.join(METHOD_ORDER)}")
+  if recommended is not None and recommended not in methods:
+    raise app.UsageError(f"--recommended={recommended!r} is not among "
+                         f"--methods={','.join(methods)}")
+  try:
+    parsed = [int(s) for s in seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds={','.join(seeds)}: expected integers, e.g. --seeds=0,1,2"
+                         ) from None
+  if not parsed:
+    raise app.UsageError("--seeds is empty: name at least one seed")
+  if upper_labeled < 0:
+    raise app.UsageError(f"--upper_labeled={upper_labeled}: expected a number of labeled images "
+                         "per domain, or 0 for no upper reference row")
+  for method in methods:  # each method's own keys, and the datasets, before any training
+    modes.check_config(_run_config(config, method, parsed[0]))
+  config_lib.check_dataset_roots(config)
+  return parsed
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  seeds = check_flags(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _METHODS.value,
+                      _RECOMMENDED.value, _UPPER.value)
+  cli.setup_logging()
   try:
-    out = run_ablation(_CONFIG.value, _WORKDIR.value, [int(s) for s in _SEEDS.value],
-                       _METHODS.value, recommended=_RECOMMENDED.value,
-                       upper_labeled=_UPPER.value)
+    out = run_ablation(_CONFIG.value, _WORKDIR.value, seeds, _METHODS.value,
+                       recommended=_RECOMMENDED.value, upper_labeled=_UPPER.value)
   except workdir_lib.Stopped as stopped:  # a requested stop is a success; rerun to continue
     print(stopped, file=sys.stderr)
     return
@@ -348,5 +397,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  cli.run(main)
+  cli.run(main, help_text=HELP, help_modules=[__name__, cli.__name__])

@@ -3,19 +3,28 @@
 `run(main)` is `absl.app.run(main)` for launch.py and the other absl CLIs (ablation,
 analysis): a misspelt flag or config key, a bad value, a missing dataset, an unusable
 checkpoint or a workdir in use prints one line (and at most one hint line), with no traceback,
-and exits with status 2. `--verbosity=1` (or more) prints the traceback too.
+and exits with status 2. `--verbosity=1` (or more) prints the traceback too. `--help` prints
+the command's own flags with one line each (exit 0); `--helpfull` adds absl's and JAX's.
+`--data_root=DIR` sets $USSS_DATA_ROOT before the config file is read. `ArgumentParser` gives
+the argparse CLIs (`python -m usss_jax.data`) the same one-line errors, and `setup_logging`
+prints the `usss_jax` logger's events above the progress bar (tqdm), never glued to it.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging as py_logging
 import os
 import re
 import sys
+import textwrap
 import traceback
 from typing import Callable, NoReturn, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
+import tqdm
 
 from usss_jax import checkpoint, config, metric_writers, workdir
 from usss_jax.data import base
@@ -75,10 +84,98 @@ def _fail(message: str, show_traceback: bool) -> NoReturn:
   sys.exit(EXIT_USER_ERROR)
 
 
-def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
-  """absl.app.run(main, argv) where user errors end with `error: ...` and status 2."""
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "-help", "-helpshort")
+DATA_ROOT_FLAG = "--data_root"
+
+
+def define_data_root_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--data_root (read by `run` before the flags are parsed; defined so that it is listed)."""
+  if "data_root" not in flag_values:
+    flags.DEFINE_string("data_root", None, "Folder holding the datasets (sets "
+                        f"${config.DATA_ROOT_ENV}; default: ${config.DATA_ROOT_ENV}, else a "
+                        "checkout's ../shared/data).", flag_values=flag_values)
+
+
+def _apply_data_root(argv: Sequence[str], show_traceback: bool) -> None:
+  """--data_root=DIR -> $USSS_DATA_ROOT, before the config file (`dataset_root`) is read."""
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      return
+    if arg == DATA_ROOT_FLAG or arg.startswith(DATA_ROOT_FLAG + "="):
+      value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+      path = os.path.expanduser(value)
+      if not os.path.isdir(path):
+        _fail(f"{DATA_ROOT_FLAG}={value}: no such directory\nhint: name the folder that holds "
+              "the datasets (camvid/, idd_lite/, cityscapes/, ...)", show_traceback)
+      os.environ[config.DATA_ROOT_ENV] = os.path.abspath(path)
+
+
+def print_help(summary: str, modules: Sequence[str], flag_values=flags.FLAGS) -> None:
+  """The command's summary, then the flags the given modules define, one entry each."""
+  print(summary.strip() + "\n\nflags:")
+  seen = set()
+  for module in modules:
+    for flag in sorted(flag_values.get_flags_for_module(module), key=lambda f: f.name):
+      if flag.name in seen:
+        continue
+      seen.add(flag.name)
+      default = "" if flag.default in (None, "", []) else f" (default: {flag.default_as_str})"
+      print(textwrap.fill(f"--{flag.name}: {flag.help}{default}", width=92,
+                          initial_indent="  ", subsequent_indent="      "))
+  print("\n--helpfull lists every flag (absl's and JAX's too).")
+
+
+class _TqdmHandler(py_logging.StreamHandler):
+  """Writes records through tqdm, which lifts a progress bar above each line."""
+
+  def emit(self, record: py_logging.LogRecord) -> None:
+    try:
+      tqdm.tqdm.write(self.format(record), file=self.stream)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def setup_logging() -> py_logging.Logger:
+  """Events of the `usss_jax` logger on stderr as `HH:MM:SS message`, above the progress bar,
+  at DEBUG with --verbosity>=1 (the parameter table, ...), else INFO; absl (and Orbax through
+  it) at WARNING unless --verbosity was given. Returns the `usss_jax` logger."""
+  verbosity = flags.FLAGS["verbosity"]
+  if not verbosity.present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+  events = py_logging.getLogger("usss_jax")
+  if not events.handlers:
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    events.addHandler(handler)
+    events.propagate = False
+  events.setLevel(py_logging.DEBUG if (verbosity.value or 0) >= 1 else py_logging.INFO)
+  return events
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the CLIs' error form: `error: ...`, a `hint:` line, exit status 2."""
+
+  def error(self, message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    print(f"hint: {self.prog} --help", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None, *,
+        help_text: str | None = None, help_modules: Sequence[str] = ()) -> None:
+  """absl.app.run(main, argv) where user errors end with `error: ...` and status 2.
+
+  Args:
+    help_text, help_modules: what --help prints (the summary and the modules whose flags it
+      lists); absl's own --help when not given.
+  """
   argv = list(sys.argv if argv is None else argv)
   show_traceback = traceback_requested(argv)
+  options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if help_text is not None and any(a in _HELP_FLAGS for a in options):
+    print_help(help_text, help_modules)
+    sys.exit(0)
+  _apply_data_root(argv, show_traceback)
 
   def parse_flags(args: list[str]) -> list[str]:
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 
 import jax
@@ -24,26 +25,46 @@ from usss_jax.data import strong_augment, transforms
 # config.<key> values that are global batch sizes per domain (split over the devices).
 BATCH_KEYS = ("labeled_batch", "unlabeled_batch", "eval_batch")
 DATA_ROOT_ENV = "USSS_DATA_ROOT"
-# A checkout keeps internal data samples beside the project (../shared/data).
+# A checkout (the package beside pyproject.toml, e.g. an editable install) keeps internal data
+# samples beside the project (../shared/data); an installed package has no such default.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_CHECKOUT_DATA = os.path.normpath(os.path.join(_PACKAGE, "..", "..", "shared", "data"))
+_CHECKOUT = os.path.dirname(_PACKAGE)
+_CHECKOUT_DATA = os.path.normpath(os.path.join(_CHECKOUT, "..", "shared", "data"))
+# What a user sets when no data root is known (the message of the error a run stops with).
+DATA_ROOT_HINT = (f"set ${DATA_ROOT_ENV} to the folder holding the datasets, pass --data_root=DIR, "
+                  "or set --config.domains.NAME.root=DIR")
 
 
 class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and what to do."""
+  """A config or flag value that cannot work; the message names the key and what to do."""
 
 
 def data_root() -> str:
-  """Folder holding the datasets: $USSS_DATA_ROOT, else a checkout's ../shared/data, else ""."""
+  """Folder holding the datasets: $USSS_DATA_ROOT (the launchers' --data_root sets it), else a
+  checkout's ../shared/data, else "" (unknown: a run that needs a dataset stops with an error
+  saying what to set, `check_dataset_roots`)."""
   if os.environ.get(DATA_ROOT_ENV):
     return os.path.expanduser(os.environ[DATA_ROOT_ENV])
-  return _CHECKOUT_DATA if os.path.isdir(_CHECKOUT_DATA) else ""
+  in_checkout = os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml"))
+  return _CHECKOUT_DATA if in_checkout and os.path.isdir(_CHECKOUT_DATA) else ""
 
 
 def dataset_root(name: str) -> str:
-  """`<data_root()>/<name>`, or "" when no data root is known (an error when the run starts)."""
+  """`<data_root()>/<name>`, or "" when no data root is known.
+
+  "" keeps a config loadable without data (`--mode=config`, overriding the root on the command
+  line); every command that reads the dataset stops on it first (`check_dataset_roots`).
+  """
   root = data_root()
   return os.path.join(root, name) if root else ""
+
+
+def check_dataset_roots(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first domain whose dataset root is unset, and what to set."""
+  for name in config.domain_names:
+    if name in config.domains and not config.domains[name].root:
+      raise ConfigError(f"config.domains.{name}.root is empty: no data root is known\n"
+                        f"hint: {DATA_ROOT_HINT.replace('NAME', name)}")
 
 
 def config_dirs() -> list[str]:
@@ -130,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.split_seed = -1    # seed of the labeled/unlabeled split (-1: config.seed)
   c.num_labeled = 100  # labeled images per domain (<= 0: all)
+  # A num_labeled above a domain's pool of training images: "error" (the run stops naming the
+  # pool size) | "warn" (all its images are labeled, with a warning).
+  c.num_labeled_above_pool = "error"
   c.unlabeled_includes_labeled = False  # the reference put the labeled images in the pool too
 
   c.domain_names = ()  # order of the heads; a subset of `domains`
@@ -267,11 +291,16 @@ def run_config(workdir: str, fallback: ml_collections.ConfigDict | None = None
   return ml_collections.ConfigDict(merge(defaults, files.read_json(path, "run's config")))
 
 
-def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
-  """ConfigError unless `config.<key>` (dotted) is one of `choices`."""
+def _get(config: ml_collections.ConfigDict, key: str):
   value = config
   for part in key.split("."):
     value = value[part]
+  return value
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+  """ConfigError unless `config.<key>` (dotted) is one of `choices`."""
+  value = _get(config, key)
   if value not in choices:
     raise ConfigError(f"config.{key}={value!r}: expected one of {tuple(choices)}")
 
@@ -316,9 +345,58 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"({value * n_dev} in all)")
   if config.labeled_batch == 0:
     raise ConfigError("config.labeled_batch must be positive")
-  for key in ("total_steps", "eval_every", "checkpoint_every", "log_every"):
-    if config[key] <= 0:
-      raise ConfigError(f"config.{key}={config[key]} must be positive")
+  check_choice(config, "num_labeled_above_pool", ("error", "warn"))
+  for key, (low, high, meaning) in VALUE_RANGES.items():
+    check_range(config, key, low, high, meaning)
+
+
+# Keys of base_config() whose values have a range: (lowest, highest, what the range says);
+# a bound is inclusive unless its tuple says "open". A negative or zero value where none makes
+# sense is an error before anything runs (a negative learning rate trains uphill).
+_POSITIVE = ((0, "open"), None, "must be positive")
+_NON_NEGATIVE = ((0, "closed"), None, "must be >= 0")
+_FRACTION = ((0, "closed"), (1, "open"), "must be in [0, 1)")
+VALUE_RANGES = {
+    "learning_rate": _POSITIVE,
+    "momentum": _FRACTION,
+    "weight_decay": _NON_NEGATIVE,
+    "poly_power": _NON_NEGATIVE,
+    "total_steps": _POSITIVE,
+    "eval_every": _POSITIVE,
+    "checkpoint_every": _POSITIVE,
+    "log_every": _POSITIVE,
+    "keep_checkpoints": ((1, "closed"), None, "must be >= 1"),
+    "eval_batch": _POSITIVE,
+    "alpha": _NON_NEGATIVE,
+    "beta": _NON_NEGATIVE,
+    "ser_weight": _NON_NEGATIVE,
+    "prototype_loss_weight": _NON_NEGATIVE,
+    "temperature": _POSITIVE,
+    "embedding_dim": _NON_NEGATIVE,
+    "embeddings_per_class": ((1, "closed"), None, "must be >= 1"),
+    "collapse_threshold": _NON_NEGATIVE,
+    "workers": _NON_NEGATIVE,
+    "data_cache_mb": _NON_NEGATIVE,
+    "consistency.weight": _NON_NEGATIVE,
+    "label_embeddings.pretrain_steps": _NON_NEGATIVE,
+    "label_embeddings.max_pixels_per_image": _POSITIVE,
+    "label_embeddings.ema_theta": ((0, "closed"), (1, "closed"), "must be in [0, 1]"),
+    "warm_start.steps": _NON_NEGATIVE,
+}
+
+
+def check_range(config: ml_collections.ConfigDict, key: str, low, high, meaning: str) -> None:
+  """ConfigError unless `config.<key>` (dotted; absent keys pass) is a finite number in range."""
+  try:
+    value = _get(config, key)
+  except (KeyError, AttributeError):
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(f"config.{key}={value!r}: expected a finite number ({meaning})")
+  below = low is not None and (value < low[0] or (low[1] == "open" and value == low[0]))
+  above = high is not None and (value > high[0] or (high[1] == "open" and value == high[0]))
+  if below or above:
+    raise ConfigError(f"config.{key}={value!r} {meaning}")
 
 
 def split_seed(config: ml_collections.ConfigDict) -> int:

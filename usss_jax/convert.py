@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from usss_jax import files
 from usss_jax.models import drn as drn_lib
 
 Variables = dict[str, Any]
@@ -270,8 +271,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Writes a torch-keyed state dict to `.npz` (exactly at `path`)."""
-  with open(path, "wb") as f:
+  """Writes a torch-keyed state dict to `.npz` (exactly at `path`, atomically)."""
+  with files.atomic_write(os.fspath(path), "wb") as f:
     np.savez(f, **{k: np.asarray(v) for k, v in state_dict.items()})
 
 
@@ -279,7 +280,7 @@ def save_flax_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -
   """Writes Flax variables as `.npz` with '/'-joined keys (exactly at `path`)."""
   flat = {"/".join(p): np.asarray(jax.device_get(v))
           for p, v in traverse_util.flatten_dict(variables).items()}
-  with open(path, "wb") as f:
+  with files.atomic_write(os.fspath(path), "wb") as f:
     np.savez(f, **flat)
 
 
@@ -312,8 +313,20 @@ def _parse_channels(text: str) -> tuple[int, ...]:
   return channels
 
 
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with the project's error form (`usss_jax.cli.ArgumentParser`): one `error:` line,
+  a `hint:` line, exit status 2."""
+
+  def error(self, message: str):
+    print(f"error: {message}\nhint: {self.prog} --help", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="python -m usss_jax.convert",
       description="Convert DRN-D weights: torch state dict (.pth/.pt/.npz) -> Flax variables "
       "(.npz, '/'-joined keys), or back with --reverse (torch-keyed .npz, no fc).")
@@ -346,6 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
   try:
     sys.exit(main())
-  except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad input: no traceback
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+  except (ValueError, OSError, RuntimeError) as error:  # bad input: one line, no traceback
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

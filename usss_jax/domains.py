@@ -140,8 +140,42 @@ def _root_hint(name: str, root: str) -> str:
           "official layout, or set $USSS_DATA_ROOT to the folder holding the datasets")
 
 
-def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domain]:
-  """Readers and reproducible labeled/unlabeled splits (written to <workdir>/splits)."""
+def _check_pool(config: ml_collections.ConfigDict, name: str, pool: int,
+                needs_unlabeled: bool) -> None:
+  """A num_labeled above the domain's pool of training images is an error naming the pool
+  size (a warning with config.num_labeled_above_pool="warn"); a method that trains on
+  unlabeled images refuses an empty unlabeled pool."""
+  num_labeled = int(config.num_labeled)
+  if num_labeled > pool:
+    message = (f"config.num_labeled={num_labeled} is more than the {pool} training images of "
+               f"domain {name!r}")
+    if config.get("num_labeled_above_pool", "error") != "warn":
+      raise config_lib.ConfigError(
+          f"{message}\nhint: use --config.num_labeled={pool} or less (<= 0 labels every image), "
+          "or --config.num_labeled_above_pool=warn to label all of them")
+    log.warning("%s: all %d are labeled (num_labeled_above_pool=warn)", message, pool)
+  labeled_all = num_labeled <= 0 or num_labeled >= pool
+  if needs_unlabeled and labeled_all and not config.unlabeled_includes_labeled:
+    raise config_lib.ConfigError(
+        f"domain {name!r}: no unlabeled images left (config.num_labeled={num_labeled} labels "
+        f"all {pool} training images) and config.method={config.method!r} trains on unlabeled "
+        f"images\nhint: lower --config.num_labeled below {pool}, set "
+        "--config.unlabeled_includes_labeled=True, or train --config.method=basic")
+
+
+def build_domains(config: ml_collections.ConfigDict, workdir: str, *, write_splits: bool = True,
+                  needs_unlabeled: bool = False) -> list[Domain]:
+  """Readers and reproducible labeled/unlabeled splits.
+
+  Args:
+    workdir: the run directory; its `splits/<domain>.{labeled,unlabeled}.txt` are read when
+      they exist.
+    write_splits: training (True) checks the pools (`_check_pool`) and writes new split lists
+      to `<workdir>/splits`; reading a run (evaluation, prediction, analyses: False) writes
+      nothing and makes a missing split in memory.
+    needs_unlabeled: the method trains on unlabeled images (an empty pool is an error).
+  """
+  config_lib.check_dataset_roots(config)
   out = []
   for index, name in enumerate(config.domain_names):
     dc = config.domains[name]
@@ -156,10 +190,16 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
     if dc.get("holdout", 0) > 0:
       # Validation data carved out of the training split, the same for every run.
       held_out, train_examples = splits.hold_out(train_examples, dc.holdout)
-    split = splits.load_or_make_split(
-        train_examples, os.path.join(workdir, "splits"), name, config.num_labeled,
-        config_lib.split_seed(config),
-        unlabeled_includes_labeled=config.unlabeled_includes_labeled)
+    split_dir = os.path.join(workdir, "splits")
+    if write_splits:
+      _check_pool(config, name, len(train_examples), needs_unlabeled)
+    if write_splits or os.path.exists(splits.split_paths(split_dir, name)[0]):
+      split = splits.load_or_make_split(
+          train_examples, split_dir, name, config.num_labeled, config_lib.split_seed(config),
+          unlabeled_includes_labeled=config.unlabeled_includes_labeled)
+    else:
+      split = splits.make_split(train_examples, config.num_labeled, config_lib.split_seed(config),
+                                unlabeled_includes_labeled=config.unlabeled_includes_labeled)
     eval_examples = held_out if dc.eval_split == "holdout" else listed_eval
     for split_name, skipped in (getattr(reader, "skipped", None) or {}).items():
       if skipped:  # only with options.skip_unpaired=True; otherwise unpaired files are errors
@@ -173,4 +213,3 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str) -> list[Domai
         resize_hw=_hw(dc.resize), eval_resize_hw=_hw(dc.get("eval_resize", ())),
         scale_range=tuple(float(v) for v in dc.scale_range), flip=bool(dc.flip)))
   return out
-

@@ -19,12 +19,15 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 import numpy as np
 from PIL import Image
 
-from usss_jax import losses
+from usss_jax import files, losses
 from usss_jax.data import transforms
-from usss_jax.data.base import IGNORE_LABEL
+from usss_jax.data.base import IGNORE_LABEL, DataError
 from usss_jax.label_embeddings import stats
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
@@ -127,16 +130,16 @@ def sampled_features(features_of, variables, image: np.ndarray, label: np.ndarra
 
 
 def list_images(path: str) -> list[str]:
-  """An image file, or the images under a folder (recursive, sorted)."""
+  """An image file, or the images under a folder (recursive, sorted); DataError if none."""
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such image file or folder")
-  files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+    raise DataError(f"{path}: no such image file or folder")
+  found = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                  if f.lower().endswith(IMAGE_SUFFIXES))
-  if not files:
-    raise FileNotFoundError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-  return files
+  if not found:
+    raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+  return found
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -146,11 +149,32 @@ def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
   return lut[np.clip(mask, 0, 255).astype(np.uint8)]
 
 
+def _write_png(path: str, array: np.ndarray) -> None:
+  with files.atomic_write(path, "wb") as f:
+    Image.fromarray(array).save(f, format="PNG")
+
+
 def save_prediction(output: str, stem: str, image: np.ndarray, mask: np.ndarray,
                     palette: np.ndarray) -> None:
-  """Writes `<stem>_mask.png` (class ids), `<stem>_color.png` and `<stem>_overlay.png`."""
+  """Writes `<stem>_mask.png` (class ids: looks black in a viewer), `<stem>_color.png` (the
+  palette's colours) and `<stem>_overlay.png` (image and colours half and half) to `output`
+  (made if needed)."""
   color = colorize(mask, palette)
-  Image.fromarray(mask.astype(np.uint8)).save(os.path.join(output, f"{stem}_mask.png"))
-  Image.fromarray(color).save(os.path.join(output, f"{stem}_color.png"))
-  Image.fromarray((0.5 * image + 0.5 * color).astype(np.uint8)).save(
-      os.path.join(output, f"{stem}_overlay.png"))
+  _write_png(os.path.join(output, f"{stem}_mask.png"), mask.astype(np.uint8))
+  _write_png(os.path.join(output, f"{stem}_color.png"), color)
+  _write_png(os.path.join(output, f"{stem}_overlay.png"),
+             (0.5 * image + 0.5 * color).astype(np.uint8))
+
+
+def save_legend(path: str, class_names: Sequence[str], palette: np.ndarray,
+                title: str = "") -> str:
+  """Writes the colour key of a label space (each class id and name next to its colour) as a
+  PNG; returns the path."""
+  fig = Figure(figsize=(3.2, 0.28 * len(class_names) + 0.7), dpi=120)
+  FigureCanvasAgg(fig)
+  handles = [Patch(facecolor=np.asarray(palette[i], np.float64) / 255.0, edgecolor="0.4",
+                   label=f"{i}  {name}") for i, name in enumerate(class_names)]
+  fig.legend(handles=handles, loc="center", frameon=False, title=title or None)
+  with files.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", bbox_inches="tight")
+  return path

@@ -5,13 +5,10 @@
   usss-jax --workdir=runs/demo --mode=predict --input=images/ --domain=street
   usss-jax --config=configs/cs_sun.py --mode=config   # print the resolved config
 
-Modes: train (default; resumes from the latest checkpoint in --workdir), embed (only the
-label-embedding stage), eval (evaluate the best or latest checkpoint; a per-class table),
-predict (class-id masks, colourised masks and overlays from the run directory alone), config
-(print the resolved config). eval and predict read `<workdir>/config.json` when --config is
-not given, and refuse a --config that contradicts it (evaluation-only keys may differ).
-Under a cluster (SLURM, TPU pod, Open MPI, or JAX_COORDINATOR_ADDRESS set) it initialises
-jax.distributed.
+eval and predict read `<workdir>/config.json` when --config is not given, and refuse a
+--config that contradicts it (evaluation-only keys may differ); they write nothing into the
+run directory but their own outputs. Under a cluster (SLURM, TPU pod, Open MPI, or
+JAX_COORDINATOR_ADDRESS set) it initialises jax.distributed.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from flax import traverse_util
 import jax
 import ml_collections
@@ -33,21 +29,42 @@ from ml_collections import config_flags
 from usss_jax import cli, modes, workdir as workdir_lib
 from usss_jax import config as config_lib
 
-MODES = ["train", "embed", "eval", "predict", "config"]
+MODES = {
+    "train": "label-embedding stage if needed, then training; resumes from the newest "
+             "checkpoint in --workdir",
+    "embed": "only the label-embedding stage (<workdir>/label_embeddings/<domain>.npz)",
+    "eval": "per-domain mIoU and a per-class IoU table of --checkpoint; writes "
+            "<workdir>/eval_<checkpoint>_step<N>.json",
+    "predict": "masks of --input in --domain's label space, from the run directory alone "
+               "(default output <workdir>/predictions/<domain>)",
+    "config": "print the resolved config (no data needed)",
+}
+HELP = ("usss-jax (= python launch.py): train, evaluate and apply universal semi-supervised "
+        "segmentation models.\n\n"
+        "  usss-jax --config=configs/demo.py --workdir=runs/demo [--config.KEY=VALUE ...]\n"
+        "  usss-jax --workdir=runs/demo --mode=eval\n"
+        "  usss-jax --workdir=runs/demo --mode=predict --input=DIR_OR_FILE --domain=street\n\n"
+        "modes (--mode):\n" + "".join(f"  {k:8s} {v}\n" for k, v in MODES.items()) +
+        "\nEvery key of the config can be set as --config.KEY=VALUE (see --mode=config); a "
+        "misspelt key is an error.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (e.g. configs/demo.py; an installed config by "
     "name: demo). eval/predict default to the run's config.json.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and splits.")
-_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, splits, checkpoints, "
+                               "logs (required except for --mode=config).")
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES),
+                          "What to run (each mode has one line in --help).")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                                 "eval/predict: which checkpoint of --workdir to use.")
 _INPUT = flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
-_DOMAIN = flags.DEFINE_string("domain", None, "predict: label space (domain name) to predict in.")
+_DOMAIN = flags.DEFINE_string("domain", None, "predict: label space (domain name) to predict in "
+                              "(default: the run's first domain).")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder "
                               "(default <workdir>/predictions/<domain>).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when a cluster "
                                  "environment is detected.")
+cli.define_data_root_flag()
 
 _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -134,21 +151,22 @@ def main(argv):
   mode, workdir = _MODE.value, _WORKDIR.value
   if workdir is None and mode != "config":
     raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax and absl log every checkpoint step at INFO; run events come from our logger.
-    logging.set_verbosity(logging.WARNING)
-  events = py_logging.getLogger("usss_jax")
-  if not events.handlers:
-    handler = py_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    events.addHandler(handler)
-    events.setLevel(py_logging.INFO)
-    events.propagate = False
+  events = cli.setup_logging()
+  if mode in ("eval", "predict"):
+    modes.require_run(workdir)  # before anything is read or written
+    if mode == "predict" and not _INPUT.value:
+      raise app.UsageError("--mode=predict needs --input (an image file or a folder)")
+  elif workdir is not None:
+    modes.check_workdir(workdir)
   _maybe_initialize_distributed(_DISTRIBUTED.value)
   config = resolve_config(mode, workdir, _CONFIG.value)
 
   if mode == "config":
     modes.check_config(config)
+    try:
+      config_lib.check_dataset_roots(config)
+    except config_lib.ConfigError as unset:
+      events.warning("warning: %s", " ".join(str(unset).split("\n")))
     print(config.to_json_best_effort(indent=2, sort_keys=True))
     return
   if mode in ("train", "embed"):
@@ -162,10 +180,8 @@ def main(argv):
     print(class_table(results))
     return
   else:
-    if not _INPUT.value:
-      raise app.UsageError("--mode=predict needs --input")
     results = modes.predict(config, workdir, _INPUT.value, domain=_DOMAIN.value,
-                              output=_OUTPUT.value, which=_CHECKPOINT.value)
+                            output=_OUTPUT.value, which=_CHECKPOINT.value)
   if results:
     print(json.dumps(results, indent=2, sort_keys=True))
 
@@ -185,4 +201,5 @@ def _installed_config_paths(argv: list[str]) -> list[str]:
 
 def run() -> None:
   """Entry point of `launch.py` and of the `usss-jax` console script."""
-  cli.run(main, argv=_installed_config_paths(sys.argv))
+  cli.run(main, argv=_installed_config_paths(sys.argv), help_text=HELP,
+          help_modules=[__name__, cli.__name__])

@@ -7,28 +7,43 @@
   python -m usss_jax.analysis tsne --config=configs/demo.py --workdir=runs/full \\
       --output=out/tsne.png [--compare_workdir=runs/basic --labels=basic,full]
 
-See `usss_jax.analysis.commands` for what each command computes.
+See `usss_jax.analysis.commands` for what each command computes. The flags, the run
+directories and the domains are checked before any model is restored; nothing is written
+into a run directory but the command's own outputs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from usss_jax import cli
+from usss_jax import cli, modes
+from usss_jax import config as config_lib
 from usss_jax.analysis import commands
 
-COMMANDS = ("predict_any", "correspondence", "tsne")
+COMMANDS = {
+    "predict_any": "segment --input in --label_space's classes through its prototypes (any "
+                   "domain's label set, no head needed); writes masks, legend.png, "
+                   "agreement.json",
+    "correspondence": "which classes of --domain_a match which of --domain_b: heat maps "
+                      "(label-embedding cosine, co-occurrence), Markdown and JSON tables",
+    "tsne": "t-SNE of encoder features per class and domain (one row of panels per run; "
+            "--compare_workdir adds a second run)",
+}
+HELP = ("python -m usss_jax.analysis COMMAND --workdir=RUN [--config=CONFIG] [flags]: analyses "
+        "of a trained run.\n\ncommands:\n" +
+        "".join(f"  {k:15s} {v}\n" for k, v in COMMANDS.items()))
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the CLI flags on `flag_values` (the global FLAGS under `python -m`)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (as launch.py).",
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (as launch.py; "
+                                  "default: the run's config.json).",
                                   flag_values=flag_values, lock_config=True)
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "Work directory of a trained run.", **fv)
@@ -54,24 +69,29 @@ def run_command(command: str, flag_values: flags.FlagValues = flags.FLAGS) -> di
   """Runs one command with parsed flags; returns its JSON-able summary."""
   fv = flag_values
   if command not in COMMANDS:
-    raise app.UsageError(f"unknown command {command!r}; expected one of {COMMANDS}")
+    raise app.UsageError(f"unknown command {command!r}; expected one of {tuple(COMMANDS)}")
   if fv.workdir is None:
     raise app.UsageError("--workdir is required")
   config, workdir = fv["config"].value, fv.workdir
-  if config is None:
-    raise app.UsageError("--config is required")
+  modes.require_run(workdir)
+  if config is None:  # the run's own config
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      raise app.UsageError(f"--config is required ({workdir} has no config.json)")
+    config = config_lib.run_config(workdir)
   if command == "predict_any":
     if not fv.input:
       raise app.UsageError("predict_any needs --input (an image or a folder)")
     return commands.predict_any(config, workdir, fv.input, label_space=fv.label_space,
-                       output=fv.output, which=fv.checkpoint, max_images=fv.max_images)
+                                output=fv.output, which=fv.checkpoint,
+                                max_images=fv.max_images)
   if command == "correspondence":
-    return commands.correspondence(config, workdir, domain_a=fv.domain_a, domain_b=fv.domain_b,
-                          output=fv.output, which=fv.checkpoint, max_images=fv.max_images)
+    return commands.correspondence(config, workdir, domain_a=fv.domain_a,
+                                   domain_b=fv.domain_b, output=fv.output,
+                                   which=fv.checkpoint, max_images=fv.max_images)
   return commands.tsne(config, workdir, output=fv.output, compare_workdir=fv.compare_workdir,
-              labels=fv.labels, which=fv.checkpoint, per_class=fv.per_class,
-              max_pixels_per_image=fv.max_pixels_per_image, perplexity=fv.perplexity,
-              seed=fv.seed, max_images=fv.max_images)
+                       labels=fv.labels, which=fv.checkpoint, per_class=fv.per_class,
+                       max_pixels_per_image=fv.max_pixels_per_image,
+                       perplexity=fv.perplexity, seed=fv.seed, max_images=fv.max_images)
 
 
 def _is_matrix(value) -> bool:
@@ -81,8 +101,7 @@ def _is_matrix(value) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f"expected one command ({' | '.join(COMMANDS)}), got {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  cli.setup_logging()
   result = run_command(argv[1])
   # Matrices are in the written JSON; the terminal gets the summary.
   print(json.dumps({k: v for k, v in result.items() if not _is_matrix(v)}, indent=2,
@@ -91,4 +110,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.define_data_root_flag()
+  cli.run(main, help_text=HELP, help_modules=[__name__, cli.__name__])

@@ -58,16 +58,18 @@ def domain_label_embeddings(config: ml_collections.ConfigDict, workdir: str, sta
   if not np.any(np.linalg.norm(emb, axis=1) > 0):
     path = os.path.join(label_embedding_stage.embeddings_dir(workdir), f"{dom.name}.npz")
     if not os.path.exists(path):
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"{workdir}: the checkpoint holds no label embeddings for domain {dom.name!r} "
           f"(method {config.method!r} does not train with them) and {path} does not exist")
     emb = np.asarray(LabelEmbeddings.load(path).embeddings, np.float32)
   if emb.shape[0] != dom.num_classes * k:
-    raise ValueError(f"{workdir}: label embeddings of {dom.name!r} have {emb.shape[0]} rows, "
-                     f"expected {dom.num_classes} classes x {k} prototypes")
+    raise config_lib.ConfigError(f"{workdir}: label embeddings of {dom.name!r} have "
+                                 f"{emb.shape[0]} rows, expected {dom.num_classes} classes x "
+                                 f"{k} prototypes")
   if int(config.embedding_dim) and emb.shape[1] != int(config.embedding_dim):
-    raise ValueError(f"{workdir}: label embeddings of {dom.name!r} have dimension "
-                     f"{emb.shape[1]}, the model's embedding_dim is {config.embedding_dim}")
+    raise config_lib.ConfigError(f"{workdir}: label embeddings of {dom.name!r} have dimension "
+                                 f"{emb.shape[1]}, the model's embedding_dim is "
+                                 f"{config.embedding_dim}")
   return emb
 
 
@@ -80,8 +82,8 @@ def _eval_examples(dom: Domain, max_images: int) -> list:
   """The first `max_images` (0 = all) evaluation examples of `dom`; an error when it has none."""
   examples = dom.eval_examples[:max_images] if max_images > 0 else dom.eval_examples
   if not examples:
-    raise ValueError(f"domain {dom.name!r} has no evaluation examples "
-                     f"(set config.domains.{dom.name}.eval_split)")
+    raise config_lib.ConfigError(f"domain {dom.name!r} has no evaluation examples "
+                                 f"(set config.domains.{dom.name}.eval_split)")
   return examples
 
 
@@ -149,12 +151,13 @@ def prototype_agreement(model, variables, dom: Domain, label_embeddings: np.ndar
           "prototypes": evaluate.class_summary(cm_proto, dom.classes)}
 
 
-def _domain_index(domains, name: str | None, flag: str) -> int:
-  names = [d.name for d in domains]
+def _domain_index(config: ml_collections.ConfigDict, name: str | None, flag: str) -> int:
+  """Index of domain `name` of the config (checked before anything is restored)."""
+  names = list(config.domain_names)
   if not name:
-    raise ValueError(f"--{flag} is required: one of {names}")
+    raise config_lib.ConfigError(f"--{flag} is required: one of {names}")
   if name not in names:
-    raise ValueError(f"--{flag}={name!r}: not one of this config's domains {names}")
+    raise config_lib.ConfigError(f"--{flag}={name!r}: not one of this run's domains {names}")
   return names.index(name)
 
 
@@ -165,29 +168,31 @@ def predict_any(config: ml_collections.ConfigDict, workdir: str, input_path: str
 
   Writes `<stem>_mask.png` (class ids), `<stem>_color.png`, `<stem>_overlay.png`,
   `legend.png`, and `agreement.json` (prototypes vs the domain's head on its own
-  evaluation split), and returns a summary.
+  evaluation split), and returns a summary. The label space and the images are checked
+  before the run is restored.
   """
   if int(config.embedding_dim) <= 0:
-    raise ValueError("predict_any needs the entropy module: config.embedding_dim is 0")
+    raise config_lib.ConfigError("predict_any needs the entropy module: config.embedding_dim "
+                                 "is 0")
+  index = _domain_index(config, label_space, "label_space")
+  images = inference.list_images(input_path)
   model, state, domains, step = restore_state(config, workdir, which)
-  index = _domain_index(domains, label_space, "label_space")
   dom = domains[index]
   k = int(config.embeddings_per_class)
   embs = domain_label_embeddings(config, workdir, state, domains, index)
   variables = state_lib.model_variables(state)
   output = output or os.path.join(workdir, "visualize", f"predict_any_{dom.name}")
-  os.makedirs(output, exist_ok=True)
   forward = inference.predictor(model, k, bool(config.normalize_pixels))
   written = []
-  for path in inference.list_images(input_path):
+  for path in images:
     image = load_rgb(path)
     _, protos = forward(variables, _network_input(image, dom, config.normalization),
                         (jnp.asarray(embs),), image.shape[:2])
     stem = os.path.splitext(os.path.basename(path))[0]
     inference.save_prediction(output, stem, image, np.asarray(protos[0])[0], dom.palette)
     written.append(stem)
-  plots.plot_legend(dom.classes, dom.palette, os.path.join(output, "legend.png"),
-                    title=dom.name)
+  inference.save_legend(os.path.join(output, "legend.png"), dom.classes, dom.palette,
+                        title=dom.name)
   agreement = prototype_agreement(model, variables, dom, embs, k=k,
                                   normalization=config.normalization,
                                   normalize_pixels=bool(config.normalize_pixels),
@@ -234,13 +239,12 @@ def correspondence(config: ml_collections.ConfigDict, workdir: str, *, domain_a:
   when the run has none); (b) A's ground truth vs head B's argmax on A's
   evaluation images, row-normalised [C_A, C_B].
   """
+  ia = _domain_index(config, domain_a, "domain_a")
+  ib = _domain_index(config, domain_b, "domain_b")
   model, state, domains, step = restore_state(config, workdir, which)
-  ia = _domain_index(domains, domain_a, "domain_a")
-  ib = _domain_index(domains, domain_b, "domain_b")
   dom_a, dom_b = domains[ia], domains[ib]
   names_a, names_b = dom_a.classes, dom_b.classes
   output = output or os.path.join(workdir, "visualize", "correspondence")
-  os.makedirs(output, exist_ok=True)
   tag = f"{dom_a.name}_{dom_b.name}"
   result: dict[str, Any] = {"domain_a": dom_a.name, "domain_b": dom_b.name, "step": step,
                             "classes_a": list(names_a), "classes_b": list(names_b),
@@ -329,12 +333,13 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
   """
   runs = [(workdir, config)]
   if compare_workdir:
+    modes.require_run(compare_workdir, "--compare_workdir")  # before the first run's work
     runs.append((compare_workdir,
                  compare_config or config_lib.run_config(compare_workdir, config)))
   labels = [s for s in labels if s]
   if labels and len(labels) != len(runs):
-    raise ValueError(f"--labels names {len(labels)} panels ({labels}) but there are "
-                     f"{len(runs)} runs")
+    raise config_lib.ConfigError(f"--labels names {len(labels)} panels ({labels}) but there "
+                                 f"are {len(runs)} runs")
   output = output or os.path.join(workdir, "visualize", "tsne.png")
   if not output.lower().endswith(".png"):
     output = os.path.join(output, "tsne.png")
@@ -360,5 +365,6 @@ def tsne(config: ml_collections.ConfigDict, workdir: str, *, output: str | None 
                  "domains": [d.name for d in domains]})
   plots.plot_tsne(panels, output)
   npz_path = os.path.splitext(output)[0] + ".npz"
-  np.savez(npz_path, **arrays)
+  with files.atomic_write(npz_path, "wb") as f:
+    np.savez(f, **arrays)
   return {"output": output, "points": npz_path, "panels": info}

@@ -11,12 +11,12 @@ every class and the ignore value included), image_sizes ("WxH" -> count) and
 skipped (number of unpaired files dropped with `--option skip_unpaired=true`,
 listed in skipped_files). Option values are parsed as JSON where possible
 (`true`, `3`, `null`), `None` means None, anything else is a string.
-Bad data prints `error: <message>` on stderr and exits with status 2.
+Bad data or a bad flag prints `error: <message>` (and a `hint:` line) on stderr and exits with
+status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from usss_jax import cli
 from usss_jax.data import demo
 from usss_jax.data.base import DataError
 from usss_jax.data.registry import READERS, get_reader
@@ -87,19 +88,21 @@ def describe(name: str, root: str, split: str, options: dict[str, Any],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m usss_jax.data",
-                                   description="Dataset tools.")
-  commands = parser.add_subparsers(dest="command", required=True)
+  parser = cli.ArgumentParser(prog="python -m usss_jax.data",
+                              description="Dataset tools: check a dataset before training, "
+                              "or write the demo data.")
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
   p_describe = commands.add_parser("describe", help="statistics of one split as JSON")
-  p_describe.add_argument("--dataset", required=True, choices=sorted(READERS))
-  p_describe.add_argument("--root", required=True)
-  p_describe.add_argument("--split", required=True)
+  p_describe.add_argument("--dataset", required=True, choices=sorted(READERS),
+                          help="reader (dataset format)")
+  p_describe.add_argument("--root", required=True, help="dataset root in its official layout")
+  p_describe.add_argument("--split", required=True, help="split name, e.g. train, val, test")
   p_describe.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                           help="reader option, e.g. list_suffix=.subset (repeatable)")
   p_describe.add_argument("--limit", type=int, default=None,
                           help="describe only the first N examples (sorted by key)")
   p_demo = commands.add_parser("demo", help="(re)generate the demo dataset")
-  p_demo.add_argument("--root", required=True)
+  p_demo.add_argument("--root", required=True, help="where to write street/ and indoor/")
   p_demo.add_argument("--num-train", type=int, default=48)
   p_demo.add_argument("--num-val", type=int, default=16)
   p_demo.add_argument("--height", type=int, default=96)
@@ -117,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      num_val=args.num_val,
                                      size=(args.height, args.width), seed=args.seed,
                                      force=args.force)
-  except (DataError, ValueError) as e:  # DataError is a ValueError (bad options too).
-    print(f"error: {e}", file=sys.stderr)
+  except (DataError, ValueError, OSError) as e:  # DataError is a ValueError (bad options too)
+    message = str(e).strip().splitlines() or [type(e).__name__]
+    print(f"error: {message[0]}", file=sys.stderr)
+    if len(message) > 1:
+      print(" ".join(" ".join(message[1:]).split()), file=sys.stderr)
     return EXIT_DATA_ERROR
   json.dump(result, sys.stdout, indent=1)
   sys.stdout.write("\n")
