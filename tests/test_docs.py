@@ -102,13 +102,21 @@ def test_documented_flags_exist(known_flags):
   assert not unknown, "\n".join(unknown)
 
 
+def _user_env() -> dict:
+  """A user's environment: the machine's own devices, not the tests' 8 forced CPU devices (the
+  paper configs' batch of 10 does not split over 8)."""
+  xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if not f.startswith("--xla_force_host_platform_device_count"))
+  return helpers.child_env(XLA_FLAGS=xla_flags)
+
+
 @pytest.mark.parametrize("doc,command", [a for a in ALL if _cheap(a[1])],
                          ids=lambda v: v if len(v) < 40 else v[:60])
 def test_cheap_commands_run_as_written(doc, command, request):
   if "shared/data" in command:
     request.getfixturevalue("shared_data_dir")  # skipped (loudly) without ../shared/data
   result = subprocess.run(_argv(command), cwd=ROOT, capture_output=True, text=True,
-                          env=helpers.child_env(), timeout=600)
+                          env=_user_env(), timeout=600)
   assert result.returncode == 0, f"{doc}: {command}\n{result.stderr[-3000:]}"
   assert "Traceback" not in result.stderr
 
