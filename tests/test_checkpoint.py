@@ -292,3 +292,28 @@ def test_restore_without_checkpoint_and_bad_extra(tmp_path):
     with pytest.raises(TypeError, match="extra: dict key 3 is int"):
       ckpt.save(1, {"w": jnp.zeros(3)}, extra={3: "x"})
     assert ckpt.latest_step() is None
+
+
+def test_read_only_skips_interrupted_saves_and_deletes_nothing(tmp_path):
+  """What eval / predict see of a run still training: its half-written steps stay in place."""
+  states = {s: _make_state(s) for s in (1, 2)}
+  with Checkpointer(str(tmp_path), max_to_keep=5, keep_best=False) as ckpt:
+    for s, state in states.items():
+      ckpt.save(s, state, extra=_extra(s))
+  tmp_dir = tmp_path / "3.orbax-checkpoint-tmp-1795506042149"
+  (tmp_dir / "state").mkdir(parents=True)
+  step4 = tmp_path / "4"
+  (step4 / "state").mkdir(parents=True)
+  (step4 / "_CHECKPOINT_METADATA").write_text(json.dumps({"init_timestamp_nsecs": 1}))
+  before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+  with Checkpointer(str(tmp_path), max_to_keep=2, read_only=True) as ckpt:
+    assert ckpt.latest_step() == 2
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.all_steps(best=True) == []  # no best/ folder, and none is made
+    restored, extra = ckpt.restore(_zeros_like(states[2]))
+    _assert_trees_equal(restored, states[2])
+    assert extra == _extra(2)
+    with pytest.raises(CheckpointError, match="read-only"):
+      ckpt.save(5, states[1], extra={})
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

@@ -193,7 +193,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, keep_best: bool = True,
                best_metric: str = "mean_miou", best_mode: str = "max",
-               async_save: bool = False):
+               async_save: bool = False, read_only: bool = False):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
@@ -205,6 +205,9 @@ class Checkpointer:
       async_save: if True, `save` returns once arrays are copied off the
         device and files are written in the background; call `wait()` before
         reading the files and `close()` at the end.
+      read_only: for readers of a run (eval, predict, analyses, init_from): nothing is
+        created or deleted, interrupted saves (perhaps a training in progress) are left alone
+        and skipped, and `save` refuses.
     Raises:
       CheckpointError: `directory` holds things that are not our checkpoints.
     """
@@ -220,15 +223,16 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.keep_best = keep_best
-    _remove_interrupted(self.directory, allow_best=True)
-    self._manager = self._make_manager(self.directory, max_to_keep, async_save)
+    self.read_only = read_only
+    self._interrupted = {False: self._prepare(self.directory, allow_best=True)}
+    self._manager = self._make_manager(self.directory, max_to_keep, async_save, read_only)
     self._best_manager = None
     self._best_value = None
     if keep_best:
       best_dir = self.directory / _BEST_SUBDIR
-      _remove_interrupted(best_dir, allow_best=False)
+      self._interrupted[True] = self._prepare(best_dir, allow_best=False)
       self._best_manager = self._make_manager(
-          best_dir, 1, async_save,
+          best_dir, 1, async_save, read_only,
           best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
       best_step = self._best_manager.best_step()
       if best_step is not None:
@@ -239,14 +243,23 @@ class Checkpointer:
               f"(has {sorted(metrics)})")
         self._best_value = float(metrics[best_metric])
 
+  def _prepare(self, directory: epath.Path, *, allow_best: bool) -> set[int]:
+    """Validates `directory`; removes its interrupted steps, or in read-only mode returns them
+    (to be skipped)."""
+    if self.read_only:
+      return {int(p.name) for p in _scan_directory(directory, allow_best=allow_best)}
+    _remove_interrupted(directory, allow_best=allow_best)
+    return set()
+
   @staticmethod
   def _make_manager(directory: epath.Path, max_to_keep: int, async_save: bool,
-                    **options) -> ocp.CheckpointManager:
+                    read_only: bool, **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True,
+            max_to_keep=None if read_only else max_to_keep,  # (orbax warns otherwise)
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, create=not read_only,
+            read_only=read_only,
             keep_checkpoints_without_metrics="best_fn" not in options, **options),
         item_handlers={_STATE_ITEM: ocp.StandardCheckpointHandler(),
                        _EXTRA_ITEM: ocp.JsonCheckpointHandler()})
@@ -269,8 +282,13 @@ class Checkpointer:
     Returns:
       Whether a checkpoint was written (or started, with async_save).
     """
+    self._check_writable()
     return bool(self._manager.save(int(step), args=self._save_args(state, extra),
                                    force=force))
+
+  def _check_writable(self) -> None:
+    if self.read_only:
+      raise CheckpointError(f"{self.directory}: opened read-only; cannot save")
 
   @property
   def best_value(self) -> float | None:
@@ -284,6 +302,7 @@ class Checkpointer:
     A non-finite metric never counts as better. Without `keep_best` this does
     nothing and returns False.
     """
+    self._check_writable()
     if self._best_manager is None:
       return False
     value = float(metric_value)
@@ -304,11 +323,12 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """Newest committed regular checkpoint step, or None."""
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self, *, best: bool = False) -> list[int]:
     """Committed steps, ascending (of the best directory if `best`)."""
-    return sorted(self._get_manager(best).all_steps())
+    return sorted(set(self._get_manager(best).all_steps()) - self._interrupted.get(best, set()))
 
   def _get_manager(self, best: bool) -> ocp.CheckpointManager:
     if not best:
@@ -337,7 +357,7 @@ class Checkpointer:
     manager = self._get_manager(best)
     manager.wait_until_finished()  # a pending async save of this step must land first
     directory = epath.Path(manager.directory)
-    steps = sorted(manager.all_steps())
+    steps = self.all_steps(best=best)
     if step is None:
       if not steps:
         raise CheckpointError(f"{directory}: no committed checkpoint to restore")

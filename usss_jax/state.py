@@ -206,7 +206,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: Sequen
   placement = placement or sharding.replicated(sharding.make_mesh())
   abstract = abstract_state(config, model, tx, objectives.method_spec(config), input_hw,
                             num_classes, placement)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
+                                       read_only=True)
   try:
     best = which == "best" and bool(checkpointer.all_steps(best=True))
     if not best and checkpointer.latest_step() is None:
