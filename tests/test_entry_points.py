@@ -193,16 +193,16 @@ def test_data_root_is_the_environment_the_flag_or_an_error_saying_what_to_set(
 
   workdir = tmp_path / "w"
   out = run_cli("--config=configs/camvid_iddlite.py", f"--workdir={workdir}",
-                "--config.domains.camvid.root=", env=env)
+                "--config.domains.camvid.root=", "--config.batch_per_device=True", env=env)
   assert_user_error(out, "error: config.domains.camvid.root is empty: no data root is known",
                     hint="$USSS_DATA_ROOT")
   assert not workdir.exists()
   out = run_cli("--config=configs/camvid_iddlite.py", "--mode=config",
-                f"--data_root={tmp_path / 'nowhere'}", env=env)
+                "--config.batch_per_device=True", f"--data_root={tmp_path / 'nowhere'}", env=env)
   assert_user_error(out, f"error: --data_root={tmp_path / 'nowhere'}: no such directory")
   (tmp_path / "data").mkdir()
   out = run_cli("--config=configs/camvid_iddlite.py", "--mode=config",
-                f"--data_root={tmp_path / 'data'}", env=env)
+                "--config.batch_per_device=True", f"--data_root={tmp_path / 'data'}", env=env)
   assert out.returncode == 0, out.stderr
   assert f'"root": "{tmp_path / "data" / "camvid"}"' in out.stdout
 
