@@ -258,8 +258,8 @@ class Checkpointer:
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,  # (orbax warns otherwise)
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, create=not read_only,
-            read_only=read_only,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only,
             keep_checkpoints_without_metrics="best_fn" not in options, **options),
         item_handlers={_STATE_ITEM: ocp.StandardCheckpointHandler(),
                        _EXTRA_ITEM: ocp.JsonCheckpointHandler()})
