@@ -256,6 +256,8 @@ def test_stage_pretrains_once_and_the_run_starts_from_its_encoder(demo_root, tmp
   def kernel(state):
     return np.asarray(state["params"]["encoder"]["layer0"]["0"]["kernel"])
   assert not np.allclose(kernel(with_stage), kernel(without))
+  # The finished run evaluates from its own config.json (which names the stage's encoder).
+  assert modes.evaluate_checkpoint(config_lib.run_config(workdir), workdir)["step"] == 2
   # Resumed longer: the finished pretraining is reused, not redone.
   longer = tiny_demo_config(demo_root, method="basic", total_steps=4, eval_every=2, **ssl)
   modes.train(longer, workdir)

@@ -257,9 +257,10 @@ class Checkpointer:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else max_to_keep,  # (orbax warns otherwise)
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-            create=not read_only, read_only=read_only,
+            # Read-only: nothing created or cleaned up here, and `save` refuses (orbax's own
+            # read_only option would log a warning at every eval and predict).
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, create=not read_only,
             keep_checkpoints_without_metrics="best_fn" not in options, **options),
         item_handlers={_STATE_ITEM: ocp.StandardCheckpointHandler(),
                        _EXTRA_ITEM: ocp.JsonCheckpointHandler()})

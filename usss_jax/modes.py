@@ -23,14 +23,20 @@ from usss_jax.domains import build_domains, load_label_spaces
 from usss_jax.train import run_training
 
 
-def check_config(config: ml_collections.ConfigDict) -> objectives.MethodSpec:
-  """Every check of the config's values (each stage's own keys); returns the method."""
+def check_config(config: ml_collections.ConfigDict, stages: bool = True
+                 ) -> objectives.MethodSpec:
+  """Every check of the config's values; returns the method.
+
+  `stages=False` for the config of a finished run (eval, predict, analyses): its stages have
+  run and handed training their outputs (a warm start's `init_from`, a pretraining's
+  `pretrained`), so the checks of what the stages may be asked for do not apply."""
   spec = objectives.method_spec(config)
   config_lib.validate_config(config)
   state_lib.make_model(config, [1 for _ in config.domain_names])
-  self_supervised_stage.check_config(config)
-  if spec.uses_label_embeddings:
-    label_embedding_stage.check_config(config)
+  if stages:
+    self_supervised_stage.check_config(config)
+    if spec.uses_label_embeddings:
+      label_embedding_stage.check_config(config)
   return spec
 
 
@@ -106,7 +112,7 @@ def restore_with_domains(config: ml_collections.ConfigDict, workdir: str, which:
                          placement: NamedSharding | None = None):
   """(model, train state, domains, step): `state.restore` plus the run's datasets (its split
   lists read, nothing written)."""
-  check_config(config)
+  check_config(config, stages=False)
   require_run(workdir)
   domains = build_domains(config, workdir, write_splits=False)
   model, state, step = state_lib.restore(config, workdir, [d.num_classes for d in domains],
