@@ -1,6 +1,8 @@
 """Tests for usss_jax.checkpoint (Orbax v0 wrapper) on 8 fake CPU devices."""
 
 import json
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from usss_jax import sharding
-from usss_jax.checkpoint import Checkpointer, CheckpointError
+from usss_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointWriteError,
+                                 UnreadableCheckpointError)
 
 
 def _make_state(seed: int = 0) -> dict:
@@ -317,3 +320,118 @@ def test_read_only_skips_interrupted_saves_and_deletes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="read-only"):
       ckpt.save(5, states[1], extra={})
   assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+# Damage and replays (docs/FAULTS.md): nothing readable is ever deleted.
+
+def _warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_better_best_of_the_same_step_replaces_it(tmp_path):
+  """A replay after a fallback evaluates a step whose best checkpoint the first pass saved."""
+  first, replay = _make_state(1), _make_state(2)
+  with Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.save_best(40, first, extra={"pass": 1}, metric_value=0.3)
+  with Checkpointer(str(tmp_path)) as ckpt:
+    assert not ckpt.save_best(40, replay, extra={"pass": 2}, metric_value=0.3)  # not better
+    assert ckpt.save_best(40, replay, extra={"pass": 2}, metric_value=0.4)
+    assert ckpt.all_steps(best=True) == [40] and ckpt.best_value == pytest.approx(0.4)
+    restored, extra = ckpt.restore(_zeros_like(first), best=True)
+  _assert_trees_equal(restored, replay)
+  assert extra == {"pass": 2}
+  assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["40"]
+
+
+@pytest.mark.parametrize("new_committed", [True, False])
+def test_an_interrupted_best_replacement_is_finished_or_undone(tmp_path, new_committed):
+  first, replay = _make_state(1), _make_state(2)
+  run, other = tmp_path / "run", tmp_path / "other"
+  with Checkpointer(str(run)) as ckpt:
+    ckpt.save_best(40, first, extra={"pass": 1}, metric_value=0.3)
+  (run / "best" / "40").rename(run / "best" / ".replaced-40")  # killed here ...
+  if new_committed:  # ... or here, once the replacement was written
+    with Checkpointer(str(other)) as ckpt:
+      ckpt.save_best(40, replay, extra={"pass": 2}, metric_value=0.4)
+    (other / "best" / "40").rename(run / "best" / "40")
+  with Checkpointer(str(run)) as ckpt:
+    restored, extra = ckpt.restore(_zeros_like(first), best=True)
+    assert ckpt.best_value == pytest.approx(0.4 if new_committed else 0.3)
+  assert extra == {"pass": 2 if new_committed else 1}
+  assert sorted(p.name for p in (run / "best").iterdir()) == ["40"]
+
+
+def test_damage_is_repaired_on_open_and_nothing_readable_is_deleted(tmp_path, caplog):
+  states = {s: _make_state(s) for s in (1, 2, 3)}
+  with Checkpointer(str(tmp_path), max_to_keep=5) as ckpt:
+    for s, state in states.items():
+      ckpt.save(s, state, extra=_extra(s))
+    ckpt.save_best(3, states[3], extra={}, metric_value=0.5)
+  (tmp_path / "3" / "commit_success.txt").unlink()          # lost marker, items all there
+  (tmp_path / "2" / "_CHECKPOINT_METADATA").write_bytes(b"\0" * 40)  # zeroed step metadata
+  (tmp_path / "best" / "3" / "metrics" / "metrics").write_text("{")  # best metric unreadable
+  with Checkpointer(str(tmp_path), max_to_keep=5) as ckpt:
+    assert ckpt.all_steps() == [1, 2, 3]
+    for s, state in states.items():
+      _assert_trees_equal(ckpt.restore(_zeros_like(state), s)[0], state)
+    assert ckpt.all_steps(best=True) == [] and ckpt.best_value is None
+  warnings = _warnings(caplog)
+  assert len(warnings) == 3, warnings
+  assert any(f"{tmp_path}/3 had lost its commit_success.txt" in w for w in warnings)
+  assert any(f"{tmp_path}/2/_CHECKPOINT_METADATA was missing or unreadable" in w
+             for w in warnings)
+  assert any(f"best checkpoint {tmp_path}/best/3" in w and "unreadable/best-3" in w
+             for w in warnings)
+  assert (tmp_path / "unreadable" / "best-3" / "state").is_dir()
+
+
+def test_unreadable_best_is_set_aside_when_checked(tmp_path, caplog):
+  state = _make_state(1)
+  with Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save_best(4, state, extra={}, metric_value=0.5)
+  for path in (tmp_path / "best" / "4" / "state").rglob("manifest.ocdbt"):
+    path.write_bytes(b"\0" * path.stat().st_size)
+  with Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.best_value == pytest.approx(0.5)
+    ckpt.check_best(_zeros_like(state))
+    assert ckpt.all_steps(best=True) == [] and ckpt.best_value is None
+    assert ckpt.save_best(6, state, extra={}, metric_value=0.1)  # a new best is chosen
+  warnings = _warnings(caplog)
+  assert len(warnings) == 1 and "unreadable best checkpoint" in warnings[0], warnings
+  assert (tmp_path / "unreadable" / "best-4").is_dir()
+
+
+def test_deleted_state_metadata_makes_the_checkpoint_unreadable_not_foreign(tmp_path):
+  state = _make_state(1)
+  with Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(5, state, extra={})
+  (tmp_path / "5" / "state" / "_METADATA").unlink()
+  with Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(UnreadableCheckpointError, match="no state metadata"):
+      ckpt.restore(_zeros_like(state))
+
+
+def test_a_save_on_a_full_disk_is_one_error_and_keeps_the_older_checkpoints(tmp_path):
+  """A real full disk (a 1 MiB tmpfs; needs root), not a simulated error."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    state = {"w": jnp.arange(64 * 1024, dtype=jnp.float32)}  # 256 KiB per checkpoint
+    with Checkpointer(str(disk / "ckpt")) as ckpt:
+      ckpt.save(1, state, extra={})
+      stat = os.statvfs(disk)
+      (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 100_000))
+      with pytest.raises(CheckpointWriteError) as failure:
+        ckpt.save(2, state, extra={})
+    message = str(failure.value)
+    assert "No space left on device" in message.splitlines()[0]
+    assert "newest: step" in message and "run the same command again" in message
+    assert not list((disk / "ckpt").glob("*orbax-checkpoint-tmp*"))  # the failed save's
+    with Checkpointer(str(disk / "ckpt")) as ckpt:
+      for step in ckpt.all_steps():
+        _assert_trees_equal(ckpt.restore(_zeros_like(state), step)[0], state)
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)

@@ -4,7 +4,10 @@ import glob
 import io
 import json
 import os
+import pathlib
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -229,3 +232,75 @@ def test_check_finite():
   with pytest.raises(NonFiniteLossError, match="at step 7") as e:
     check_finite(7, {"loss": np.float32(-np.inf)})
   assert e.value.value == -np.inf
+
+
+def test_resume_drops_the_records_of_replayed_steps_and_purges_their_events(tmp_path):
+  """A run resumed at step 2 runs steps 3.. again: each step ends up once in metrics.jsonl,
+  and TensorBoard is told to hide the first pass's events from step 3 on."""
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_hparams({"lr": 0.1})
+    for step in (1, 2, 3, 4):
+      writer.write_scalars(step, {"loss": float(step)})
+    writer.write_eval(4, {"mean_miou": 0.5})
+  first_events = _event_file(tmp_path)
+  with MetricWriter(str(tmp_path), resume_step=2) as writer:
+    assert writer.eval_steps == set()
+    writer.write_scalars(3, {"loss": 30.0})
+  records = _read_jsonl(tmp_path)
+  assert [(r.get("kind"), r.get("step")) for r in records] == [
+      ("hparams", None), ("train", 1), ("train", 2), ("train", 3)]
+  assert records[-1]["loss"] == 30.0
+  second = [f for f in glob.glob(os.path.join(str(tmp_path), "tensorboard", "events.*"))
+            if f != first_events]
+  assert len(second) == 1
+  starts = [e for e in _read_events(second[0]) if e.HasField("session_log")]
+  assert [(e.step, e.session_log.status) for e in starts] == [(3, event_pb2.SessionLog.START)]
+  # Resuming at 0 drops everything, hparams included (the new start writes them again).
+  with MetricWriter(str(tmp_path), tensorboard=False, resume_step=0):
+    pass
+  assert _read_jsonl(tmp_path) == []
+
+
+def test_unreadable_lines_are_dropped_with_one_warning(tmp_path, caplog):
+  with MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    for step in (1, 2, 3):
+      writer.write_scalars(step, {"loss": float(step)})
+    writer.write_eval(3, {"mean_miou": 0.5})
+  path = os.path.join(str(tmp_path), "metrics.jsonl")
+  lines = open(path, "rb").read().split(b"\n")
+  lines[1] = b"\0" * len(lines[1])  # a damaged block inside the file
+  with open(path, "wb") as f:
+    f.write(b"\n".join(lines) + b'{"step": 4, "ki')  # and a torn tail
+  with MetricWriter(str(tmp_path), tensorboard=False, resume_step=3) as writer:
+    assert writer.eval_steps == {3}
+    assert writer.eval_record(3)["mean_miou"] == 0.5
+  assert [r["step"] for r in _read_jsonl(tmp_path)] == [1, 3, 3]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and path in warnings[0] and "1 line(s) that do not read" in warnings[0]
+
+
+def test_a_full_disk_is_one_error_naming_metrics_jsonl(tmp_path):
+  """RLIMIT_FSIZE in a child process: the append that crosses the limit fails (EFBIG)."""
+  code = f"""
+import resource, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parents[1])!r})
+from usss_jax import files
+from usss_jax.metric_writers import MetricWriter
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+with MetricWriter({str(tmp_path)!r}, tensorboard=False) as writer:
+  try:
+    for step in range(1, 1000):
+      writer.write_scalars(step, {{"loss": 1.0}})
+  except files.WriteError as e:
+    print(e)
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  lines = out.stdout.strip().splitlines()
+  assert out.returncode == 0 and len(lines) == 2, out.stdout + out.stderr
+  assert lines[0] == f"{tmp_path}/metrics.jsonl: cannot write (File too large)"
+  assert "free space" in lines[1] and "run the same command again" in lines[1]
+  # What was written before stays readable; the torn line is cut when the run resumes.
+  with MetricWriter(str(tmp_path), tensorboard=False, resume_step=10**6):
+    pass
+  steps = [r["step"] for r in _read_jsonl(tmp_path)]
+  assert steps == list(range(1, len(steps) + 1)) and len(steps) > 10

@@ -85,9 +85,13 @@ def test_load_or_make_reuses_files(tmp_path):
   assert _keys(again.labeled) == _keys(first.labeled)
   assert _keys(again.unlabeled) == _keys(first.unlabeled)
   assert again.labeled[0] == first.labeled[0]  # full Example objects come back
-  # Hand-edited lists are honoured.
+  # Hand-edited lists are honoured once the record of the drawn split is deleted.
   (tmp_path / "cs.labeled.txt").write_text("city/k03\ncity/k01\n\n")
   (tmp_path / "cs.unlabeled.txt").write_text("city/k00\n")
+  with pytest.raises(DataError, match=r"(?s)cs\.labeled\.txt: differs from the split this run "
+                     r"recorded in .*cs\.json.*delete .*cs\.json to keep the edit"):
+    splits.load_or_make_split(_examples(), d, "cs", 2, seed=0)
+  os.remove(tmp_path / "cs.json")
   s = splits.load_or_make_split(_examples(), d, "cs", 2, seed=0)
   assert _keys(s.labeled) == ["city/k01", "city/k03"] and _keys(s.unlabeled) == ["city/k00"]
 
@@ -103,9 +107,57 @@ def test_load_or_make_mismatch_errors(tmp_path):
   with pytest.raises(DataError, match="cs.labeled.txt.*not in the dataset"):
     splits.load_or_make_split(_examples(3), d, "cs", 5, seed=0)
   os.remove(str(tmp_path / "cs.unlabeled.txt"))
-  with pytest.raises(DataError, match="without its partner"):
+  os.remove(str(tmp_path / "cs.json"))
+  with pytest.raises(DataError, match=r"(?s)cs\.unlabeled\.txt: is missing, and .*cs\.json.*"
+                     r"delete the split lists"):
     splits.load_or_make_split(_examples(), d, "cs", 5, seed=0)
   with open(lab, "a") as f:
     f.write("city/k00\ncity/k00\n")
   with pytest.raises(DataError, match="duplicate"):
     splits.read_keys(lab)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "zero"])
+@pytest.mark.parametrize("kind", ["labeled", "unlabeled"])
+def test_damaged_list_is_drawn_again_when_it_matches_the_record(tmp_path, caplog, damage, kind):
+  d = str(tmp_path)
+  first = splits.load_or_make_split(_examples(), d, "cs", 5, seed=3)
+  assert sorted(os.listdir(d)) == ["cs.json", "cs.labeled.txt", "cs.unlabeled.txt"]
+  path = tmp_path / f"cs.{kind}.txt"
+  whole = path.read_bytes()
+  if damage == "delete":
+    path.unlink()
+  else:
+    path.write_bytes(whole[:len(whole) // 3 + 1] if damage == "truncate" else b"\0" * len(whole))
+  again = splits.load_or_make_split(_examples(), d, "cs", 5, seed=3)
+  assert _keys(again.labeled) == _keys(first.labeled)
+  assert _keys(again.unlabeled) == _keys(first.unlabeled)
+  assert path.read_bytes() == whole
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and str(path) in warnings[0] and "drew it again" in warnings[0]
+  # Drawn again from a dataset that changed since, it no longer matches: an error naming it.
+  path.unlink()
+  with pytest.raises(DataError, match=rf"cs\.{kind}\.txt: is missing, and drawn again from "
+                     r"the seed it differs .*dataset"):
+    splits.load_or_make_split(_examples(25), d, "cs", 5, seed=3)
+
+
+def test_damaged_or_missing_record_is_rewritten_from_the_lists(tmp_path, caplog):
+  d = str(tmp_path)
+  splits.load_or_make_split(_examples(), d, "cs", 5, seed=3)
+  record = (tmp_path / "cs.json").read_bytes()
+  for damage in (b"", b"\0" * len(record), None):
+    if damage is None:
+      (tmp_path / "cs.json").unlink()
+    else:
+      (tmp_path / "cs.json").write_bytes(damage)
+    caplog.clear()
+    splits.load_or_make_split(_examples(), d, "cs", 5, seed=3)
+    assert (tmp_path / "cs.json").read_bytes() == record
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cs.json" in warnings[0], warnings
+
+
+def test_a_reader_writes_nothing(tmp_path):
+  s = splits.load_or_make_split(_examples(), str(tmp_path / "w"), "cs", 5, seed=3, write=False)
+  assert len(s.labeled) == 5 and not (tmp_path / "w").exists()

@@ -11,16 +11,19 @@ Layout of a checkpoint directory:
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<time>` and renames it to
 `<step>` only after writing `commit_success.txt` into it (on object stores
-without atomic rename it writes into `<step>` and the marker last). A step
-directory without the marker is an interrupted save: it is deleted when a
-`Checkpointer` opens the directory (Orbax would otherwise list it as the latest
-step and refuse to save steps up to it); leftover temporaries are removed by
-Orbax itself (`cleanup_tmp_directories`).
+without atomic rename it writes into `<step>` and the marker last); leftover
+temporaries are removed by Orbax itself (`cleanup_tmp_directories`).
 
-Multi-host: call every method on every process with the same arguments. Orbax
-writes each process's addressable shards and lets the primary process write
-metadata and rename; the clean-up above runs on process 0 followed by a
-barrier. Restoring onto `NamedSharding`s reads only the local shards.
+Damage found when a `Checkpointer` opens the directory is repaired without ever deleting
+a checkpoint (`usss_jax.checkpoint_dir`). A best checkpoint replaced by a better one of the
+same step (a replay after a fallback) is renamed to `best/.replaced-<step>` until the new one
+is committed. A save that fails for want of space is a `CheckpointWriteError`; its
+temporary is removed.
+
+Multi-host: call every method on every process with the same arguments. Orbax writes each
+process's addressable shards and lets the primary process write metadata and rename; the
+repairs above run on process 0 between barriers, and a restore that fails on any process
+fails on all. Restoring onto `NamedSharding`s reads only the local shards.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,29 +39,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from usss_jax import files
+from usss_jax import checkpoint_dir, files
 
 PyTree = Any
 
 log = logging.getLogger("usss_jax")
 
-_STATE_ITEM = "state"
-_EXTRA_ITEM = "extra"
-_BEST_SUBDIR = "best"
-_UNREADABLE_SUBDIR = "unreadable"
 _MAX_REASON_CHARS = 160
-# Written by Orbax 0.12 into every finished step directory, on every filesystem.
-_COMMIT_MARKER = "commit_success.txt"
-_STEP_METADATA = "_CHECKPOINT_METADATA"
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Root-level files Orbax may write next to the step directories.
-_ORBAX_ROOT_ENTRIES = ("_ROOT_METADATA", "metadata")
+CheckpointError = checkpoint_dir.CheckpointError
+_STATE_ITEM, _EXTRA_ITEM = checkpoint_dir.STATE_ITEM, checkpoint_dir.EXTRA_ITEM
 
 
-class CheckpointError(ValueError):
-  """A checkpoint directory or checkpoint does not fit what was asked of it."""
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written for want of space (the older ones are intact)."""
 
 
 class UnreadableCheckpointError(CheckpointError):
@@ -69,6 +64,25 @@ class UnreadableCheckpointError(CheckpointError):
       first_line = first_line[:_MAX_REASON_CHARS] + " ..."
     self.reason = f"{type(error).__name__}: {first_line}"
     super().__init__(f"{where}: unreadable checkpoint ({self.reason})")
+
+
+def _quiet_after_failed_read() -> None:
+  """After a failed restore, Orbax's abandoned reads print tracebacks when they are collected
+  ("Exception ignored in <coroutine ...>", "Event loop is closed", "Task exception was never
+  retrieved"); the failure is already reported in one line, so those are dropped."""
+  if getattr(sys.unraisablehook, "usss_quiet", False):
+    return
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    text = f"{unraisable.object!r} {unraisable.exc_value}"
+    if not any(m in text for m in ("_read_array", "Encountered error while reading",
+                                   "Event loop is closed")):
+      default(unraisable)
+  hook.usss_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def _keypath_str(key: tuple) -> str:
@@ -120,64 +134,6 @@ def _check_tree_matches(checkpoint_tree: PyTree, target: PyTree, where: str) -> 
     raise CheckpointError(f"{where}: " + "; ".join(mismatches))
 
 
-def _scan_directory(directory: epath.Path, *, allow_best: bool) -> list[epath.Path]:
-  """Validates a checkpoint directory; returns its interrupted step directories.
-
-  Raises CheckpointError when the directory holds anything that is not ours:
-  unknown files, or a finished step directory without our two items.
-  """
-  if not directory.exists():
-    return []
-  if not directory.is_dir():
-    raise CheckpointError(f"{directory}: exists and is not a directory")
-  unexpected, interrupted = [], []
-  for entry in sorted(directory.iterdir(), key=lambda p: p.name):
-    name = entry.name
-    if name.startswith(".") or _TMP_SUFFIX in name or name in _ORBAX_ROOT_ENTRIES:
-      continue
-    if allow_best and name in (_BEST_SUBDIR, _UNREADABLE_SUBDIR) and entry.is_dir():
-      continue
-    if not (name.isdigit() and entry.is_dir()):
-      unexpected.append(name)
-      continue
-    children = {child.name for child in entry.iterdir()}
-    if _COMMIT_MARKER in children:
-      lacking = [item for item in (_STATE_ITEM, _EXTRA_ITEM) if item not in children]
-      if lacking:
-        raise CheckpointError(
-            f"{directory}: step directory {name}/ lacks item(s) {lacking}; it was "
-            "not written by usss_jax.checkpoint.Checkpointer")
-    elif not children or children & {_STEP_METADATA, _STATE_ITEM, _EXTRA_ITEM}:
-      interrupted.append(entry)
-    else:
-      # A numbered folder with foreign content: never delete what is not ours.
-      unexpected.append(name)
-  if unexpected:
-    shown = ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else "")
-    raise CheckpointError(
-        f"{directory}: not a checkpoint directory of usss_jax.checkpoint: unexpected "
-        f"entries {shown} (expected only <step>/ directories, Orbax temporaries"
-        f"{', best/ and unreadable/' if allow_best else ''})")
-  return interrupted
-
-
-def _sync_processes(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def _remove_interrupted(directory: epath.Path, *, allow_best: bool) -> None:
-  """Validates `directory` on every process; process 0 deletes interrupted steps."""
-  interrupted = _scan_directory(directory, allow_best=allow_best)
-  # Everyone has finished reading before process 0 deletes, and waits for it after.
-  _sync_processes(f"usss_checkpoint_scanned:{directory}")
-  if jax.process_index() == 0:
-    for step_dir in interrupted:
-      log.warning("Removing interrupted checkpoint %s (no %s)", step_dir, _COMMIT_MARKER)
-      step_dir.rmtree()
-  _sync_processes(f"usss_checkpoint_cleaned:{directory}")
-
-
 class Checkpointer:
   """Saves/restores (state pytree, extra JSON dict) pairs, keeping the newest and the best.
 
@@ -206,8 +162,8 @@ class Checkpointer:
         device and files are written in the background; call `wait()` before
         reading the files and `close()` at the end.
       read_only: for readers of a run (eval, predict, analyses, init_from): nothing is
-        created or deleted, interrupted saves (perhaps a training in progress) are left alone
-        and skipped, and `save` refuses.
+        created, repaired or deleted, damaged or interrupted steps (perhaps of a training in
+        progress) are left alone and skipped, and `save` refuses.
     Raises:
       CheckpointError: `directory` holds things that are not our checkpoints.
     """
@@ -223,33 +179,42 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.keep_best = keep_best
+    self._aside_dir = self.directory / checkpoint_dir.UNREADABLE_SUBDIR
+    if checkpoint_dir.no_space_in_save_thread not in logging.getLogger("absl").filters:
+      logging.getLogger("absl").addFilter(checkpoint_dir.no_space_in_save_thread)
+    self._best_dir = self.directory / checkpoint_dir.BEST_SUBDIR
+    self._async_save = async_save
     self.read_only = read_only
-    self._interrupted = {False: self._prepare(self.directory, allow_best=True)}
+    self._skipped = {False: self._prepare(self.directory, allow_best=True)}
     self._manager = self._make_manager(self.directory, max_to_keep, async_save, read_only)
     self._best_manager = None
     self._best_value = None
     if keep_best:
-      best_dir = self.directory / _BEST_SUBDIR
-      self._interrupted[True] = self._prepare(best_dir, allow_best=False)
-      self._best_manager = self._make_manager(
-          best_dir, 1, async_save, read_only,
-          best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
-      best_step = self._best_manager.best_step()
-      if best_step is not None:
-        metrics = self._best_manager.metrics(best_step) or {}
-        if best_metric not in metrics:
-          raise CheckpointError(
-              f"{best_dir}/{best_step}: best checkpoint has no metric {best_metric!r} "
-              f"(has {sorted(metrics)})")
-        self._best_value = float(metrics[best_metric])
+      self._skipped[True] = self._prepare(self._best_dir, allow_best=False, prefix="best-",
+                                          metric=best_metric)
+      self._open_best()
 
-  def _prepare(self, directory: epath.Path, *, allow_best: bool) -> set[int]:
-    """Validates `directory`; removes its interrupted steps, or in read-only mode returns them
-    (to be skipped)."""
-    if self.read_only:
-      return {int(p.name) for p in _scan_directory(directory, allow_best=allow_best)}
-    _remove_interrupted(directory, allow_best=allow_best)
-    return set()
+  def _prepare(self, directory: epath.Path, *, allow_best: bool, prefix: str = "",
+               metric: str | None = None) -> set[int]:
+    """Repairs `directory` (checkpoint_dir.repair); read-only, returns the steps a reader
+    skips instead (interrupted, or a best one whose metric does not read)."""
+    if not self.read_only:
+      checkpoint_dir.repair(directory, self._aside_dir, allow_best=allow_best, prefix=prefix,
+                            metric=metric)
+      return set()
+    found = checkpoint_dir.scan_directory(directory, allow_best=allow_best, metric=metric)
+    return {int(p.name) for kind in ("incomplete", "unmarked", "metric") for p in found[kind]}
+
+  def _open_best(self) -> None:
+    if self._best_manager is not None:
+      self._best_manager.close()
+    self._best_manager = self._make_manager(
+        self._best_dir, 1, self._async_save, self.read_only,
+        best_fn=lambda metrics: metrics[self.best_metric], best_mode=self.best_mode)
+    best_step = self._best_manager.best_step()
+    self._best_value = None
+    if best_step is not None and best_step not in self._skipped[True]:  # metric checked
+      self._best_value = float((self._best_manager.metrics(best_step) or {})[self.best_metric])
 
   @staticmethod
   def _make_manager(directory: epath.Path, max_to_keep: int, async_save: bool,
@@ -257,8 +222,7 @@ class Checkpointer:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            # Read-only: nothing created or cleaned up here, and `save` refuses (orbax's own
-            # read_only option would log a warning at every eval and predict).
+            # Read-only without Orbax's option, which warns at every eval and predict.
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only, create=not read_only,
             keep_checkpoints_without_metrics="best_fn" not in options, **options),
@@ -284,8 +248,27 @@ class Checkpointer:
       Whether a checkpoint was written (or started, with async_save).
     """
     self._check_writable()
-    return bool(self._manager.save(int(step), args=self._save_args(state, extra),
-                                   force=force))
+    return self._write(self._manager, step, lambda: self._manager.save(
+        int(step), args=self._save_args(state, extra), force=force))
+
+  def _write(self, manager: ocp.CheckpointManager, step: int, save) -> bool:
+    """Runs `save`; a failure for want of space becomes a CheckpointWriteError (module doc)."""
+    try:
+      return bool(save())
+    except Exception as e:  # tensorstore, OS and Orbax errors alike  # pylint: disable=broad-except
+      reason = files.no_space(e)
+      if not reason:
+        raise
+      directory = epath.Path(manager.directory)
+      if jax.process_index() == 0:  # free what the failed save took
+        for tmp in directory.glob(f"{int(step)}{checkpoint_dir.TMP_SUFFIX}*"):
+          tmp.rmtree()
+      kept = self.latest_step()
+      raise CheckpointWriteError(
+          f"{directory / str(step)}: cannot write the checkpoint ({reason})\nhint: the "
+          f"checkpoints written before (newest: {'none' if kept is None else f'step {kept}'}) are "
+          "intact; free space on that disk (or raise the file-size limit, ulimit -f) and run "
+          "the same command again to resume") from e
 
   def _check_writable(self) -> None:
     if self.read_only:
@@ -316,11 +299,41 @@ class Checkpointer:
       if not better:
         return False
     # force: the best may come from a step below an older best (after a resume).
-    saved = self._best_manager.save(int(step), args=self._save_args(state, extra),
-                                    metrics={self.best_metric: value}, force=True)
+    def save():
+      return self._best_manager.save(int(step), args=self._save_args(state, extra),
+                                     metrics={self.best_metric: value}, force=True)
+    if int(step) not in self._best_manager.all_steps():
+      saved = self._write(self._best_manager, step, save)
+    else:  # a replay beat what the first pass saved at this step: replace it (module doc)
+      displaced = self._best_dir / f"{checkpoint_dir.REPLACED_PREFIX}{int(step)}"
+      self._best_manager.wait_until_finished()
+      checkpoint_dir.sync_processes(f"usss_checkpoint_replace:{displaced}")
+      if jax.process_index() == 0:
+        (self._best_dir / str(int(step))).rename(displaced)
+      checkpoint_dir.sync_processes(f"usss_checkpoint_replaced:{displaced}")
+      self._best_manager.reload()
+      saved = self._write(self._best_manager, step, save)
+      self._best_manager.wait_until_finished()
+      checkpoint_dir.sync_processes(f"usss_checkpoint_replacing:{displaced}")
+      if jax.process_index() == 0:
+        displaced.rmtree()
     if saved:
       self._best_value = value
-    return bool(saved)
+    return saved
+
+  def check_best(self, target: PyTree) -> None:
+    """Restores the best checkpoint into `target` to check its files (they are read only by
+    evaluation and prediction otherwise); an unreadable one is moved to unreadable/ with a
+    warning, and the next evaluation chooses a new best."""
+    if self._best_manager is None or not self._best_manager.all_steps():
+      return
+    try:
+      self.restore(target, best=True)
+    except UnreadableCheckpointError as e:
+      step = self.all_steps(best=True)[-1]
+      moved = self.set_aside(step, best=True)
+      log.warning("set aside the unreadable best checkpoint %s (%s); moved it to %s (the next "
+                  "evaluation chooses a new best)", self._best_dir / str(step), e.reason, moved)
 
   def latest_step(self) -> int | None:
     """Newest committed regular checkpoint step, or None."""
@@ -329,7 +342,7 @@ class Checkpointer:
 
   def all_steps(self, *, best: bool = False) -> list[int]:
     """Committed steps, ascending (of the best directory if `best`)."""
-    return sorted(set(self._get_manager(best).all_steps()) - self._interrupted.get(best, set()))
+    return sorted(set(self._get_manager(best).all_steps()) - self._skipped.get(best, set()))
 
   def _get_manager(self, best: bool) -> ocp.CheckpointManager:
     if not best:
@@ -371,37 +384,44 @@ class Checkpointer:
       metadata = manager.item_metadata(step)[_STATE_ITEM]
     except Exception as e:  # corrupt or foreign metadata  # pylint: disable=broad-except
       raise UnreadableCheckpointError(where, e) from e
-    if metadata is None:
-      raise CheckpointError(f"{where}: has no '{_STATE_ITEM}' item")
+    if metadata is None:  # its metadata file is gone
+      raise UnreadableCheckpointError(where, FileNotFoundError(f"no {_STATE_ITEM} metadata"))
     _check_tree_matches(getattr(metadata, "tree", metadata), abstract, where)
+    error = None
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
           _STATE_ITEM: ocp.args.StandardRestore(abstract),
           _EXTRA_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # tensorstore, JSON and OS errors alike  # pylint: disable=broad-except
-      raise UnreadableCheckpointError(where, e) from e
+      error = e
+      _quiet_after_failed_read()
+    # All processes go on from the same checkpoint.
+    if checkpoint_dir.any_process(error is not None):
+      raise UnreadableCheckpointError(where, error or RuntimeError(
+          "unreadable on another process")) from error
     extra = restored[_EXTRA_ITEM]
     return restored[_STATE_ITEM], dict(extra) if extra is not None else {}
 
-  def set_aside(self, step: int) -> str:
-    """Moves regular checkpoint `step` to <dir>/unreadable/<step>[.N]; returns where it went.
+  def set_aside(self, step: int, *, best: bool = False) -> str:
+    """Moves checkpoint `step` to <dir>/unreadable/<step>[.N] (the best: best-<step>);
+    returns where it went.
 
     The checkpoint is kept for inspection but leaves the manager's steps, so that later saves
     of steps up to and beyond it work as if it had never been written.
     """
-    self._manager.wait_until_finished()
-    source = self.directory / str(step)
-    aside_dir = self.directory / _UNREADABLE_SUBDIR
-    target, copies = aside_dir / str(step), 0
-    while target.exists():
-      copies += 1
-      target = aside_dir / f"{step}.{copies}"
-    _sync_processes(f"usss_checkpoint_aside:{source}")
+    self._check_writable()
+    manager = self._get_manager(best)
+    manager.wait_until_finished()
+    source = epath.Path(manager.directory) / str(step)
+    target = checkpoint_dir.aside_target(self._aside_dir, f"best-{step}" if best else str(step))
+    checkpoint_dir.sync_processes(f"usss_checkpoint_aside:{source}")
     if jax.process_index() == 0:
-      aside_dir.mkdir(parents=True, exist_ok=True)
-      source.rename(target)
-    _sync_processes(f"usss_checkpoint_moved:{source}")
-    self._manager.reload()
+      checkpoint_dir.move_aside(source, target)
+    checkpoint_dir.sync_processes(f"usss_checkpoint_moved:{source}")
+    if best:
+      self._open_best()
+    else:
+      manager.reload()
     return str(target)
 
   def wait(self) -> None:

@@ -26,14 +26,14 @@ from absl import flags
 from absl import logging
 import tqdm
 
-from usss_jax import checkpoint, config, metric_writers, workdir
+from usss_jax import checkpoint, config, files, metric_writers, workdir
 from usss_jax.data import base
 
 EXIT_USER_ERROR = 2
 # Errors whose message says what is wrong and what to do: no traceback needed.
 USER_ERRORS = (config.ConfigError, base.DataError, checkpoint.CheckpointError,
                workdir.WorkdirInUseError, metric_writers.NonFiniteLossError, flags.Error,
-               app.UsageError)
+               app.UsageError, files.WriteError, workdir.ProcessLostError)
 _VERBOSITY = re.compile(r"^--?(?:verbosity|v)(?:=|$)")
 _CONFIG_LOAD_FAILURE = "Failed loading config file"
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')

@@ -256,6 +256,9 @@ def base_config() -> ml_collections.ConfigDict:
   # domain, stream and step; True replaces it by the next loadable image of its stream and
   # counts it (metrics.jsonl: bad_images_skipped).
   c.skip_bad_images = False
+  # A label value outside a domain's classes (not the ignore value 255): "error" names the file
+  # and the values; "ignore" counts such pixels as void, with one warning per file.
+  c.invalid_labels = "error"
 
   # Bookkeeping.
   c.log_every = 50
@@ -327,6 +330,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"config.domain_names={tuple(config.domain_names)}")
   check_choice(config, "normalization", transforms.NORMALIZATIONS)
   check_choice(config, "miou_convention", metrics.MIOU_CONVENTIONS)
+  check_choice(config, "invalid_labels", ("error", "ignore"))
   try:
     strong_augment.StrongAugmentConfig.from_dict(config.strong_augment)
   except ValueError as e:

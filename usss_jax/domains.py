@@ -18,6 +18,7 @@ import numpy as np
 
 from usss_jax import config as config_lib
 from usss_jax import files
+from usss_jax import workdir as workdir_lib
 from usss_jax.data import demo, registry, splits
 from usss_jax.data.base import DataError, DatasetReader, DatasetSpec, Example
 
@@ -176,11 +177,22 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str, *, write_spli
     needs_unlabeled: the method trains on unlabeled images (an empty pool is an error).
   """
   config_lib.check_dataset_roots(config)
+  if not write_splits:
+    return _build_domains(config, workdir, False, needs_unlabeled)
+  # On several processes, process 0 builds them first (it writes the demo data and the split
+  # files), then the others read them.
+  with workdir_lib.main_process_first("domains") as writer:
+    return _build_domains(config, workdir, True, needs_unlabeled, writer=writer)
+
+
+def _build_domains(config: ml_collections.ConfigDict, workdir: str, write_splits: bool,
+                   needs_unlabeled: bool, writer: bool = False) -> list[Domain]:
   out = []
   for index, name in enumerate(config.domain_names):
     dc = config.domains[name]
     try:
       reader = make_reader(dc)
+      reader.invalid_labels = config.get("invalid_labels", "error")
       train_examples = reader.list_examples(dc.train_split)
       listed_eval = (reader.list_examples(dc.eval_split)
                      if dc.eval_split and dc.eval_split != "holdout" else [])
@@ -196,7 +208,7 @@ def build_domains(config: ml_collections.ConfigDict, workdir: str, *, write_spli
     if write_splits or os.path.exists(splits.split_paths(split_dir, name)[0]):
       split = splits.load_or_make_split(
           train_examples, split_dir, name, config.num_labeled, config_lib.split_seed(config),
-          unlabeled_includes_labeled=config.unlabeled_includes_labeled)
+          unlabeled_includes_labeled=config.unlabeled_includes_labeled, write=writer)
     else:
       split = splits.make_split(train_examples, config.num_labeled, config_lib.split_seed(config),
                                 unlabeled_includes_labeled=config.unlabeled_includes_labeled)

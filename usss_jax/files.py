@@ -3,12 +3,14 @@
 Every file a run writes goes through `atomic_write` (a temporary file beside the target,
 flushed, then renamed over it), so a reader or a killed process sees the old file or the new
 one, never half of one; files get mode 0644 like the rest of a run directory. `to_json` is the
-one conversion of NumPy / JAX values to plain JSON types.
+one conversion of NumPy / JAX values to plain JSON types. A write that fails for lack of
+space (full disk, quota, file-size limit) is a `WriteError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,6 +21,43 @@ from typing import Any, Iterator
 import numpy as np
 
 FILE_MODE = 0o644
+# A write that failed for want of space: full disk, quota, file-size limit (RLIMIT_FSIZE).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+class WriteError(OSError):
+  """A file of a run could not be written for want of space; the message names the file, the
+  reason and the fix (what was written before is intact)."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.errno = errno.ENOSPC
+
+
+def no_space(error: BaseException | None) -> str | None:
+  """The reason ("No space left on device", ...) when `error` or what caused it is a write
+  that failed for want of space; None otherwise. Errors of C++ libraries (tensorstore) carry
+  only the text."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _NO_SPACE_ERRNOS:
+      return os.strerror(error.errno)
+    text = str(error)
+    for reason in _NO_SPACE_TEXTS:
+      if reason in text:
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def write_failed(path: str, reason: str, kept: str = "the files written before are intact"
+                 ) -> WriteError:
+  """The one message of a write that failed for want of space."""
+  return WriteError(f"{path}: cannot write ({reason})\nhint: {kept}; free space "
+                    "on that disk (or raise the file-size limit, ulimit -f) and run the same "
+                    "command again to resume")
 
 
 @contextlib.contextmanager
@@ -41,9 +80,12 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[Any]:
       os.fsync(f.fileno())
     os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600 files
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    reason = no_space(e)
+    if reason and not isinstance(e, WriteError):
+      raise write_failed(path, reason, f"{path} is as it was") from e
     raise
 
 

@@ -5,7 +5,11 @@ that one domain, `train.run_training`), run its encoder over those images, proje
 per-pixel features with PCA to the embedding dimension and take the class centroids
 (K-means for K > 1), in two streaming passes whose memory does not grow with the number of
 images (`label_embeddings.compute_label_embeddings`). Results are saved as
-`<workdir>/label_embeddings/<domain>.npz` and reused on resume.
+`<workdir>/label_embeddings/<domain>.npz` and reused on resume; one that does not read
+(truncated, zeroed) is computed again from its pre-training run (which resumes from its
+checkpoints; the result is the same) with one warning. On several processes, process 0 decides
+whether to load or to compute (all of them then run the pre-training together) and writes
+the file.
 source "joint": the model the run starts from (`init_from`, e.g. the warm start: a basic model
 trained on every domain) gives every domain's features; one PCA basis is fitted on all of them
 and each domain's centroids are taken in it, so that the prototypes of all domains share their
@@ -34,6 +38,7 @@ import numpy as np
 
 from usss_jax import config as config_lib
 from usss_jax import inference, state as state_lib
+from usss_jax import workdir as workdir_lib
 from usss_jax.data import transforms
 from usss_jax.domains import Domain
 from usss_jax.label_embeddings import (SOURCES, compute_joint_label_embeddings,
@@ -153,6 +158,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "config.init_from or config.warm_start.steps")
 
 
+def _saved_or_not(path: str, expected: tuple[int, int]) -> str:
+  """"load" when `path` holds label embeddings of shape `expected`, else "compute"."""
+  if not os.path.exists(path):
+    return "compute"
+  try:
+    shape = LabelEmbeddings.load(path).embeddings.shape
+  except ValueError as e:
+    log.warning("%s does not read (%s); computing it again from its pre-training run", path,
+                str(e).partition(" (")[2].rstrip(")")[:160] or "damaged")
+    return "compute"
+  if shape != expected:
+    raise config_lib.ConfigError(
+        f"{path}: label embeddings of shape {shape}, but this config asks for {expected} "
+        "(classes x embeddings_per_class, embedding_dim)\nhint: delete the file to compute "
+        "them again for this config, or train in a new --workdir")
+  return "load"
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str,
             domains: Sequence[Domain]) -> list[np.ndarray]:
   """[C_d * K, D] float32 label embeddings per domain, computed once and saved in the workdir."""
@@ -172,7 +195,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
                                         k, dim))
       continue
     path = os.path.join(out_dir, f"{domain.name}.npz")
-    if os.path.exists(path):
+    expected = (domain.num_classes * k, dim)
+    if workdir_lib.broadcast_decision(f"embeddings/{domain.name}",
+                                      lambda: _saved_or_not(path, expected)) == "load":
       result.append(np.asarray(LabelEmbeddings.load(path).embeddings, np.float32))
       continue
     sub_workdir = config.label_embeddings.pretrain_checkpoint or os.path.join(

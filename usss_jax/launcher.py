@@ -89,7 +89,7 @@ def _maybe_initialize_distributed(mode: str) -> None:
     kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
   if os.environ.get("JAX_PROCESS_ID"):
     kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-  jax.distributed.initialize(**kwargs)
+  workdir_lib.initialize_distributed(**kwargs)  # a lost process: one error line, exit 2
   py_logging.getLogger("usss_jax").info("jax.distributed: process %d of %d", jax.process_index(),
                                         jax.process_count())
 
@@ -201,5 +201,7 @@ def _installed_config_paths(argv: list[str]) -> list[str]:
 
 def run() -> None:
   """Entry point of `launch.py` and of the `usss-jax` console script."""
+  if workdir_lib.supervision_wanted():  # a lost process: one error line (workdir.supervise)
+    sys.exit(workdir_lib.supervise(sys.argv))
   cli.run(main, argv=_installed_config_paths(sys.argv), help_text=HELP,
           help_modules=[__name__, cli.__name__])

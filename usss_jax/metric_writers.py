@@ -11,6 +11,12 @@ Files in `workdir`:
                   `read_records` skips an unterminated last line (a write in flight).
   tensorboard/    tensorboardX event files (scalars, images, hparams).
 
+Resuming at step S (`MetricWriter(..., resume_step=S)`): the steps after S are run again, so
+their records are dropped from metrics.jsonl (rewritten atomically) and TensorBoard is told to
+hide their events (`purge_step`), so that the replay writes them once. Lines that do not read
+(a damaged file) are dropped with one warning naming the file; the rest is kept. A write that
+fails for want of space is a `files.WriteError`.
+
 Multi-host: construct with `enabled=jax.process_index() == 0`; a disabled
 writer creates no files and ignores every call.
 """
@@ -21,6 +27,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +42,23 @@ METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 
 log = logging.getLogger("usss_jax")
+# Writes of tensorboardX's background thread that failed for want of space (it would print a
+# traceback and die): reported by the writer's next call instead (`_tensorboard_failed`).
+_TENSORBOARD_FAILURES: list[OSError] = []
+
+
+def _catch_tensorboard_thread_failures() -> None:
+  if getattr(threading.excepthook, "usss_tensorboard", False):
+    return
+  default = threading.excepthook
+
+  def hook(args):
+    if type(args.thread).__name__ == "_EventLoggerThread" and files.no_space(args.exc_value):
+      _TENSORBOARD_FAILURES.append(args.exc_value)
+    else:
+      default(args)
+  hook.usss_tensorboard = True
+  threading.excepthook = hook
 
 
 def read_records(path: str, offset: int = 0) -> list[dict]:
@@ -47,22 +71,45 @@ def read_records(path: str, offset: int = 0) -> list[dict]:
   return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
 
 
-def _cut_torn_tail(path: str) -> None:
-  """Truncates `path` after its last newline: a line cut short by a kill mid-write would
-  otherwise glue onto the first line the resumed run appends."""
+def _prepare_for_resume(path: str, resume_step: int | None) -> set[int]:
+  """Makes metrics.jsonl hold only whole, readable records of steps up to `resume_step`
+  (None: all steps; 0: nothing of an earlier start, hparams included); returns the steps
+  that have an evaluation record. One warning names the file if it was damaged or torn."""
   if not os.path.exists(path):
-    return
-  with open(path, "rb+") as f:
-    size = f.seek(0, os.SEEK_END)
-    if size == 0:
-      return
-    f.seek(size - 1)
-    if f.read(1) == b"\n":
-      return  # the usual case: only the last byte is read
-    f.seek(0)
-    keep = f.read().rfind(b"\n") + 1
-    f.truncate(keep)
-  log.warning("%s: cut off a torn last line (%d bytes, from a killed run)", path, size - keep)
+    return set()
+  with open(path, "rb") as f:
+    data = f.read()
+  kept, unreadable, later = [], 0, 0
+  lines = data.split(b"\n")
+  torn = len(lines[-1])  # bytes after the last newline: a write cut short by a kill
+  for line in lines[:-1]:
+    try:
+      record = json.loads(line.decode("utf-8"))
+      if not isinstance(record, dict):
+        raise ValueError("not an object")
+    except ValueError:
+      unreadable += 1
+      continue
+    step = record.get("step", 0)
+    if resume_step is not None and (step > resume_step or (resume_step == 0 and "step" not in
+                                                            record)):
+      later += 1
+    else:
+      kept.append(line + b"\n")
+  if unreadable or torn or later:
+    with files.atomic_write(path, "wb") as f:
+      f.write(b"".join(kept))
+  if unreadable:
+    log.warning("%s: dropped %d line(s) that do not read (a damaged file)%s; the %d readable "
+                "record(s) are kept", path, unreadable,
+                f" and a torn last line ({torn} bytes)" if torn else "", len(kept))
+  elif torn:
+    log.warning("%s: cut off %d bytes after the last complete line (a line torn by a kill, or "
+                "damage); %d record(s) kept", path, torn, len(kept))
+  if later:
+    log.info("%s: dropped %d record(s) after step %d, whose steps run again", path, later,
+             resume_step)
+  return {r["step"] for r in map(json.loads, kept) if r.get("kind") == "eval"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -112,32 +159,56 @@ def _is_scalar_number(value: Any) -> bool:
 class MetricWriter:
   """Writes train/eval scalars, images and hparams to metrics.jsonl and TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
     """
     Args:
       workdir: run directory (created if missing).
       enabled: False on non-zero processes: no files, every call is a no-op.
       tensorboard: also write event files under <workdir>/tensorboard.
+      resume_step: the step a run resumes at (module doc); None keeps every record.
     """
     self.workdir = workdir
     self.enabled = enabled
     self._jsonl: int | None = None  # O_APPEND file descriptor
     self._tb = None
+    self.eval_steps: set[int] = set()  # steps with an evaluation record
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, METRICS_FILENAME)
-    _cut_torn_tail(path)
-    self._jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    self.path = os.path.join(workdir, METRICS_FILENAME)
+    self.eval_steps = _prepare_for_resume(self.path, resume_step)
+    self._jsonl = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if tensorboard:
-      self._tb = tensorboardX.SummaryWriter(
-          logdir=os.path.join(workdir, TENSORBOARD_SUBDIR), flush_secs=30)
+      logdir = os.path.join(workdir, TENSORBOARD_SUBDIR)
+      # Events of steps after resume_step, written before, are hidden by TensorBoard.
+      purge = resume_step + 1 if resume_step is not None and os.path.isdir(logdir) else None
+      _catch_tensorboard_thread_failures()
+      # The suffix keeps two starts within one second from writing one file name.
+      self._tb = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30, purge_step=purge,
+                                            filename_suffix=f".{os.getpid()}.{id(self)}")
+
+  def _tensorboard_failed(self, error: BaseException | None = None) -> None:
+    """Raises the WriteError of a TensorBoard write that failed for want of space."""
+    error = error or (_TENSORBOARD_FAILURES[-1] if _TENSORBOARD_FAILURES else None)
+    reason = files.no_space(error)
+    if reason:
+      raise files.write_failed(os.path.join(self.workdir, TENSORBOARD_SUBDIR), reason,
+                               "the checkpoints and metrics.jsonl are intact") from error
 
   def _write_line(self, record: Mapping[str, Any]) -> None:
+    self._tensorboard_failed()
     # One unbuffered write per line: a reader or a kill sees whole lines or one torn tail.
     data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
-    while data:
-      data = data[os.write(self._jsonl, data):]
+    try:
+      while data:
+        data = data[os.write(self._jsonl, data):]
+    except OSError as e:
+      reason = files.no_space(e)
+      if not reason:
+        raise
+      raise files.write_failed(self.path, reason, "the checkpoints and the lines written "
+                               "before are intact") from e
 
   @staticmethod
   def _check_reserved(values: Mapping[str, Any]) -> None:
@@ -214,6 +285,12 @@ class MetricWriter:
       for proto in summary.hparams(flat, {}):
         file_writer.add_summary(proto)
 
+  def eval_record(self, step: int) -> dict:
+    """The last evaluation record of `step` in metrics.jsonl ({} if there is none)."""
+    evals = [r for r in read_records(self.path) if r.get("kind") == "eval"
+             and r.get("step") == step]
+    return evals[-1] if evals else {}
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
@@ -223,8 +300,12 @@ class MetricWriter:
       os.close(self._jsonl)
       self._jsonl = None
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError as e:
+        self._tensorboard_failed(e)
+        raise
     self.enabled = False
 
   def __enter__(self) -> MetricWriter:

@@ -25,6 +25,7 @@ import numpy as np
 import tqdm
 
 from usss_jax import checkpoint as ckpt_lib
+from usss_jax import checkpoint_dir as ckpt_dir
 from usss_jax import config as config_lib
 from usss_jax import files, metric_writers, objectives, sharding, state as state_lib
 from usss_jax import train_step
@@ -32,7 +33,7 @@ from usss_jax import workdir as workdir_lib
 from usss_jax.data import pipeline
 from usss_jax.data.base import DataError
 from usss_jax.data.strong_augment import StrongAugmentConfig
-from usss_jax.domains import Domain, save_label_spaces
+from usss_jax.domains import LABEL_SPACES_FILE, Domain, save_label_spaces
 
 log = logging.getLogger("usss_jax")
 
@@ -66,42 +67,61 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, domains: Seque
   # Opened first so that a bad checkpoint directory fails before any compilation.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)
+  fixed_embeddings = label_embeddings is not None and not config.label_embeddings.ema_theta
   if label_embeddings is None:
     if spec.uses_label_embeddings:
       raise config_lib.ConfigError(
           f"config.method={config.method!r} needs label embeddings: compute them with "
           "usss_jax.label_embedding_stage.prepare (launch.py does this)")
     label_embeddings = state_lib.placeholder_embeddings(config, [d.num_classes for d in domains])
-  model = state_lib.make_model(config, [d.num_classes for d in domains])
+  num_classes = [d.num_classes for d in domains]
+  model = state_lib.make_model(config, num_classes)
   tx, schedule = state_lib.make_optimizer(config)
   mesh = sharding.make_mesh()
-  state = state_lib.initial_state(config, model, tx, spec, domains[0].crop_hw, label_embeddings,
-                                  sharding.replicated(mesh), embedding_projection)
-  if jax.process_index() == 0 and not log_prefix:
-    log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+  placement = sharding.replicated(mesh)
   train_input = _train_input(config, spec, domains, mesh)
   loop = _Loop(config, workdir, checkpointer, train_input, schedule, evaluator, log_prefix)
-  state, start_step = loop.resume(state)
+  # A resume restores into the state's shapes; only a new run initialises one.
+  state, start_step = loop.resume(
+      state_lib.abstract_state(config, model, tx, spec, domains[0].crop_hw, num_classes,
+                               placement),
+      lambda: state_lib.initial_state(config, model, tx, spec, domains[0].crop_hw,
+                                      label_embeddings, placement, embedding_projection),
+      [(d.name, e) for d, e in zip(domains, label_embeddings)] if fixed_embeddings else [])
+  if jax.process_index() == 0 and not log_prefix:
+    log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
   step_fn = train_step.jit_train_step(
       train_step.make_train_step(model, tx, spec, [d.name for d in domains]), mesh)
   try:
     loop.open(start_step)
+    loop.catch_up(start_step, state)
     for step in range(start_step + 1, config.total_steps + 1):
       state = loop.run_step(step, step_fn, state)
   finally:
     loop.close()
-  if evaluator is not None and not loop.results and start_step >= config.total_steps:
-    loop.evaluate(start_step, state)
   return state, loop.results
 
 
 def _record_run(config: ml_collections.ConfigDict, workdir: str,
                 domains: Sequence[Domain]) -> None:
-  """config.json and label_spaces.json (what `Segmenter` needs to predict without the data)."""
+  """config.json and label_spaces.json (what `Segmenter` needs to predict without the data),
+  written at every start (process 0); a damaged or missing one is reported."""
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-    save_label_spaces(workdir, domains)
+  if jax.process_index() != 0:
+    return
+  started_before = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  for name in ("config.json", LABEL_SPACES_FILE):
+    path = os.path.join(workdir, name)
+    try:
+      files.read_json(path)
+    except FileNotFoundError:
+      if started_before:
+        log.warning("%s was missing; written again from the config", path)
+    except (OSError, ValueError) as e:
+      log.warning("%s did not read (%s); written again from the config", path,
+                  type(e.__cause__ or e).__name__)
+  files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  save_label_spaces(workdir, domains)
 
 
 def _train_input(config: ml_collections.ConfigDict, spec: objectives.MethodSpec,
@@ -131,27 +151,61 @@ class _Loop:
     self.collapsed: set = set()
     self.writer = self.progress = None
 
-  def resume(self, state: dict) -> tuple[dict, int]:
-    """The newest readable checkpoint's state and input position, else (state, 0)."""
-    restored = restore_newest_readable(self.checkpointer, sharding.abstract_like(state),
-                                       self.log_prefix)
+  def resume(self, abstract: dict, init: Callable[[], dict],
+             embeddings: Sequence[tuple[str, np.ndarray]]) -> tuple[dict, int]:
+    """The newest readable checkpoint's state and input position, else (init(), 0).
+
+    `embeddings`: (domain, label embeddings) the run is given, where they stay fixed; a
+    checkpoint's that differ are reported (training goes on with the checkpoint's).
+    """
+    restored = restore_newest_readable(self.checkpointer, abstract, self.log_prefix)
+    self.checkpointer.check_best(abstract)
     if restored is None:
-      return state, 0
+      return init(), 0
     state, extra = restored
-    self.train_input.set_state(extra["data"])
     step = int(jax.device_get(state["step"]))
+    try:
+      self.train_input.set_state(extra["data"])
+    except ValueError as e:
+      raise DataError(
+          f"{self.checkpointer.directory}/{step}: {e}\nhint: the split lists in "
+          f"{self.workdir}/splits, the seed, batch sizes, crops or augmentation changed since; "
+          "undo that change, or train in a new --workdir") from e
     log.info("%sresumed from %s at step %d", self.log_prefix, self.checkpointer.directory, step)
+    for (name, given), kept in zip(embeddings, state["label_embeddings"]):
+      kept = np.asarray(jax.device_get(kept))
+      if not np.array_equal(np.asarray(given, kept.dtype), kept):
+        log.warning("%sthe label embeddings of %s differ from those checkpoint %d was trained "
+                    "with (max |difference| %.3g); training goes on with the checkpoint's",
+                    self.log_prefix, name, step, np.max(np.abs(np.asarray(given) - kept)))
     return state, step
 
   def open(self, start_step: int) -> None:
     is_main = jax.process_index() == 0
-    self.writer = metric_writers.MetricWriter(self.workdir, enabled=is_main)
+    self.writer = metric_writers.MetricWriter(self.workdir, enabled=is_main,
+                                              resume_step=start_step)
     if start_step == 0:
       self.writer.write_hparams(json.loads(self.config.to_json()))
     self.progress = tqdm.tqdm(total=self.config.total_steps, initial=start_step, unit="step",
                               desc=self.log_prefix.strip() or None, disable=not is_main,
                               mininterval=1.0 if sys.stderr.isatty() else 10.0)
     self.last_log = (time.time(), start_step)
+
+  def catch_up(self, start_step: int, state: dict) -> None:
+    """At the resume step: evaluates when it was due but not recorded (the run was stopped
+    between the checkpoint and the evaluation); a finished run's results are its last
+    evaluation record (process 0), or a new evaluation where there is none."""
+    c = self.config
+    if self.evaluator is None or start_step == 0:
+      return
+    finished = start_step >= c.total_steps
+    unrecorded = (jax.process_index() == 0 and start_step not in self.writer.eval_steps
+                  and (finished or start_step % c.eval_every == 0))
+    if ckpt_dir.any_process(unrecorded):
+      self.evaluate(start_step, state)
+    elif finished and self.writer.enabled:
+      record = self.writer.eval_record(start_step)
+      self.results = {k: v for k, v in record.items() if k not in ("step", "kind")}
 
   def run_step(self, step: int, step_fn, state: dict) -> dict:
     """Runs training step `step` and what is due after it; raises `Stopped` on a stop request."""
@@ -204,22 +258,29 @@ class _Loop:
   def evaluate(self, step: int, state: dict) -> None:
     """Evaluates, logs the report and keeps the state if it is the best so far."""
     report = self.evaluator(state)
-    if self.writer is not None and self.writer.enabled:
+    if self.writer.enabled and step not in self.writer.eval_steps:  # once per step (replays)
       self.writer.write_eval(step, report["summary"])
       self.writer.write_images(step, report["images"])
+      self.writer.eval_steps.add(step)
     log.info("%seval step %d: %s", self.log_prefix, step, report["line"])
     self.checkpointer.save_best(step, state, extra={"data": self.train_input.get_state()},
                                 metric_value=report["mean_miou"])
     self.results = report["results"]
 
   def close(self) -> None:
+    # The error that ends a run is the one reported: failures of the clean-up behind it (the
+    # same full disk, a lost process) are left out.
+    failing = sys.exc_info()[1] is not None
     if self.progress is not None:
       self.progress.close()
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    if self.writer is not None:
-      self.writer.close()
-    self.train_input.close()
+    for close in (self.checkpointer.wait, self.checkpointer.close,
+                  self.writer.close if self.writer is not None else None, self.train_input.close):
+      try:
+        if close is not None:
+          close()
+      except Exception:  # pylint: disable=broad-except
+        if not failing:
+          raise
     if self.train_input.bad_images_skipped:
       log.warning("%sskipped %d unloadable image(s) (skip_bad_images=True): %s", self.log_prefix,
                   self.train_input.bad_images_skipped,

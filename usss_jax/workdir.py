@@ -1,4 +1,5 @@
-"""One run per work directory: a lock, stop requests (SIGTERM / SIGINT), clean failed starts.
+"""One run per work directory: a lock, stop requests (SIGTERM / SIGINT), clean failed starts,
+and the processes of a multi-process run (shared files, lost processes).
 
 `RunGuard(workdir)` around a run (launcher modes train and embed):
 
@@ -12,18 +13,38 @@
 
 Multi-host: only process 0 writes the lock and cleans up; every process installs the
 handlers (a cluster signals every process; the loop agrees on stopping across processes).
+`main_process_first` lets process 0 write a shared file (splits, label embeddings) while the
+others wait for it. A process that stops with an error announces it; the others notice a lost
+process (a collective fails, or `initialize_distributed`'s heartbeat callback fires when the
+coordinator's process is gone or a process stopped sending heartbeats) and stop with one
+`ProcessLostError` line naming it, within the heartbeat timeout. Every process that stops this
+way leaves without jax's shutdown barrier (which would wait for the lost process). Where jax's
+coordination client itself ends a process (the coordinator's process is gone, or another stopped
+sending heartbeats: it aborts with a C++ trace, and its Python callback cannot be used), the
+launcher's `supervise` turns that into one error line naming the lost process.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from typing import Iterator
+
+import jax
+from jax._src import distributed as jax_distributed  # the coordination service's client
 
 log = logging.getLogger("usss_jax")
 
@@ -35,6 +56,10 @@ _active: RunGuard | None = None
 
 class WorkdirInUseError(RuntimeError):
   """Another live process holds the work directory's lock."""
+
+
+class ProcessLostError(RuntimeError):
+  """Another process of a multi-process run stopped (killed, or failed with an error)."""
 
 
 class Stopped(Exception):
@@ -98,7 +123,12 @@ class RunGuard:
     self._was_new = not self._existed or not os.listdir(self.workdir)
     if self.is_main:
       os.makedirs(self.workdir, exist_ok=True)
-      self._acquire_lock()
+      try:
+        self._acquire_lock()
+      except BaseException as e:
+        if jax.process_count() > 1:
+          _on_failure(e)
+        raise
     if threading.current_thread() is threading.main_thread():
       for sig in _STOP_SIGNALS:
         self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -109,16 +139,21 @@ class RunGuard:
     global _active
     _active = None
     for sig, handler in self._previous_handlers.items():
-      signal.signal(sig, handler)
+      # None: a handler installed outside Python (jax's preemption notifier), gone now.
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     self._previous_handlers = {}
-    if not self.is_main:
-      return
-    failed_start = (exc is not None and not isinstance(exc, Stopped) and not self.trained
-                    and self._was_new)
-    if failed_start:
-      self._remove_created()
-    else:
-      self._release_lock()
+    replacement = None
+    if jax.process_count() > 1 and exc is not None and not isinstance(exc, Stopped):
+      replacement = _on_failure(exc)
+    if self.is_main:
+      failed_start = (exc is not None and not isinstance(exc, Stopped) and not self.trained
+                      and self._was_new)
+      if failed_start and jax.process_count() == 1:
+        self._remove_created()
+      else:
+        self._release_lock()
+    if replacement is not None:
+      raise replacement from exc
 
   def _on_signal(self, signum, frame) -> None:
     del frame
@@ -181,3 +216,220 @@ class RunGuard:
         shutil.rmtree(path, ignore_errors=True)
       else:
         os.remove(path)
+
+
+# Several processes (jax.distributed) ------------------------------------------------------
+
+_KV = "usss_jax"
+HEARTBEAT_ENV = "USSS_HEARTBEAT_TIMEOUT_S"
+_RESTART = ("the checkpoints are kept: once every process is stopped, start all of them again "
+            "with the same command to resume")
+_LOST_PEER = ("Gloo", "Connection closed by peer", "Connection reset", "connection refused",
+              "UNAVAILABLE", "Socket closed")
+_sequence: dict[str, Iterator[int]] = {}
+
+
+def _client():
+  return jax_distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def initialize_distributed(**kwargs) -> None:
+  """`jax.distributed.initialize(**kwargs)`, then this process's pid and host are registered
+  with the coordination service (for the messages naming a lost process). The heartbeat
+  timeout is `$USSS_HEARTBEAT_TIMEOUT_S` (default jax's, 100 s)."""
+  if os.environ.get(HEARTBEAT_ENV):
+    kwargs.setdefault("heartbeat_timeout_seconds", int(os.environ[HEARTBEAT_ENV]))
+  jax.distributed.initialize(**kwargs)
+  _client().key_value_set(f"{_KV}/process/{jax.process_index()}",
+                          json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+                          allow_overwrite=True)
+
+
+def _process_info(index: int) -> dict | None:
+  """{"pid", "host"} of a process, as registered by `initialize_distributed`, or None."""
+  try:
+    return json.loads(_client().key_value_try_get(f"{_KV}/process/{index}"))
+  except Exception:  # pylint: disable=broad-except  # not registered, or the service is gone
+    return None
+
+
+def describe_process(index: int) -> str:
+  """"process 1 of 2 (pid 4242 on host a)", as far as the coordination service knows."""
+  info = _process_info(index)
+  where = f" (pid {info['pid']} on host {info['host']})" if info else ""
+  return f"process {index} of {jax.process_count()}{where}"
+
+
+def _lost_processes() -> tuple[list[int], dict[int, str]]:
+  """(processes known to be gone, {process: the error it announced}); the coordination
+  service gone means process 0 (which runs it) is."""
+  try:
+    failed = {int(k.rsplit("/", 1)[1]): v for k, v in
+              _client().key_value_dir_get(f"{_KV}/failed/")}
+  except Exception:  # pylint: disable=broad-except
+    return ([0] if jax.process_index() else []), {}
+  gone = []
+  for index in range(jax.process_count()):
+    info = _process_info(index)
+    if info and info["host"] == socket.gethostname() and not _process_alive(info["pid"]):
+      gone.append(index)
+  return gone, failed
+
+
+def _lost_message(detail: str) -> str:
+  gone, failed = _lost_processes()
+  if failed:
+    index, error = sorted(failed.items())[0]
+    return f"{describe_process(index)} stopped with an error ({error}); {_RESTART}"
+  who = ", ".join(describe_process(i) for i in gone) if gone else "another process"
+  return f"lost {who}: it stopped without a word (killed?) ({detail}); {_RESTART}"
+
+
+def _first_line(error) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _leave_without_shutdown_barrier(code: int) -> None:
+  """At exit, skips jax's distributed shutdown (its barrier would wait for a lost process)."""
+  def leave():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  atexit.register(leave)  # runs before jax's own exit handler (registered earlier)
+
+
+def _on_failure(exc: BaseException) -> BaseException | None:
+  """A multi-process run ends with `exc`: a ProcessLostError naming the lost process when
+  `exc` comes from losing one; else `exc` is announced to the other processes."""
+  lost = isinstance(exc, ProcessLostError) or (
+      isinstance(exc, jax.errors.JaxRuntimeError) and any(m in str(exc) for m in _LOST_PEER))
+  _leave_without_shutdown_barrier(2)
+  if lost and not isinstance(exc, ProcessLostError):
+    return ProcessLostError(_lost_message(_first_line(exc)))
+  if not lost:
+    with contextlib.suppress(Exception):
+      _client().key_value_set(f"{_KV}/failed/{jax.process_index()}",
+                              f"{type(exc).__name__}: {_first_line(exc)}")
+  return None
+
+
+def _shared_key(kind: str, name: str) -> str:
+  """The key of the next `kind` step named `name` (the same sequence on every process)."""
+  return f"{_KV}/{kind}/{name}/{next(_sequence.setdefault(f'{kind}/{name}', itertools.count()))}"
+
+
+def _peer_failed(name: str, result: str) -> ProcessLostError:
+  return ProcessLostError(f"{describe_process(0)} stopped with an error ({result[len('error:'):]})"
+                          f" while preparing {name}; see its output")
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[bool]:
+  """Process 0 runs the block first (it writes the shared files); the others wait for it, then
+  run the block themselves (reading them). Yields whether this process may write. One process:
+  runs the block. The others raise ProcessLostError if process 0 fails in the block."""
+  client = _client()
+  if client is None:
+    yield True
+    return
+  key = _shared_key("first", name)
+  if jax.process_index() == 0:
+    try:
+      yield True
+    except BaseException as e:
+      client.key_value_set(key, f"error:{type(e).__name__}: {_first_line(e)}")
+      raise
+    client.key_value_set(key, "ok")
+    return
+  result = client.blocking_key_value_get(key, 24 * 3600 * 1000)
+  if result != "ok":
+    raise _peer_failed(name, result)
+  yield False
+
+
+def broadcast_decision(name: str, decide) -> str:
+  """`decide()` (a string, e.g. "load" or "compute") run on process 0, returned on every
+  process, so that all of them take the same branch (and meet in the same collectives)."""
+  client = _client()
+  if client is None:
+    return decide()
+  key = _shared_key("decision", name)
+  if jax.process_index() == 0:
+    try:
+      value = decide()
+    except BaseException as e:
+      client.key_value_set(key, f"error:{type(e).__name__}: {_first_line(e)}")
+      raise
+    client.key_value_set(key, f"value:{value}")
+    return value
+  result = client.blocking_key_value_get(key, 24 * 3600 * 1000)
+  if not result.startswith("value:"):
+    raise _peer_failed(name, result)
+  return result[len("value:"):]
+
+
+# The launcher's supervisor (a hand-started multi-process run) ----------------------------
+
+SUPERVISED_ENV = "USSS_SUPERVISED"
+_JAX_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+_CXX_LOG = re.compile(r"^[EFW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]")
+
+
+def supervision_wanted() -> bool:
+  """Whether this launch is one process of a hand-started multi-process run (and not yet the
+  supervised child)."""
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) and not os.environ.get(SUPERVISED_ENV)
+
+
+def _die_with_parent() -> None:  # in the child, before exec
+  with contextlib.suppress(Exception):
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a SIGKILLed parent takes it
+
+
+def _lost_by_jax(held: list[str]) -> str:
+  """The error line for a child that jax's coordination client ended, from its C++ log."""
+  text = "".join(held)
+  count, me = os.environ.get("JAX_NUM_PROCESSES", "?"), int(os.environ.get("JAX_PROCESS_ID", 0))
+  found = re.findall(r"[Tt]ask (\d+) heartbeat timeout|unhealthy[^:]*:\s*(\d+)", text)
+  tasks = sorted({int(a or b) for a, b in found} - {me})
+  if tasks:
+    who = ", ".join(f"process {t} of {count}" for t in tasks)
+    why = "it stopped sending heartbeats (killed, stopped or cut off)"
+  elif me:
+    who = f"process 0 of {count}"
+    why = ("which runs the coordination service at "
+           f"{os.environ.get('JAX_COORDINATOR_ADDRESS')}: it was killed or failed (see its output)")
+  else:
+    who, why = "another process", "jax's coordination service reported it failed"
+  return f"error: lost {who}, {why}; {_RESTART}"
+
+
+def supervise(argv: list[str]) -> int:
+  """Runs `python argv...` as a child (the same launch, marked supervised) and returns its exit
+  status. Its stderr passes through, except jax's fatal C++ trace when the coordination client
+  ends it for a lost process: that becomes one error line naming the process (exit 2).
+  SIGTERM / SIGINT are passed on; the child dies with this process."""
+  child = subprocess.Popen([sys.executable, *argv], env=dict(os.environ, **{SUPERVISED_ENV: "1"}),
+                           stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+  for sig in _STOP_SIGNALS:
+    signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+  held, fatal, reported, pending = [], False, False, b""
+  while chunk := os.read(child.stderr.fileno(), 65536):
+    pending += chunk
+    *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+    for line in lines:
+      text = line.decode(errors="replace")
+      fatal = fatal or _JAX_FATAL in text
+      if fatal or _CXX_LOG.match(text):  # held back until it is clear what they are
+        held.append(text)
+        continue
+      sys.stderr.write("".join(held) + text)
+      held = []
+      reported = reported or text.startswith("error: ")
+    sys.stderr.flush()
+  code = child.wait()
+  if fatal and not reported:
+    print(_lost_by_jax(held), file=sys.stderr, flush=True)
+    return 2
+  sys.stderr.write("".join(held) + pending.decode(errors="replace"))
+  return code if code >= 0 else 128 - code

@@ -9,13 +9,22 @@ metrics, palettes, result tables) is driven by the `DatasetSpec`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 IGNORE_LABEL = 255
+# What a label value outside the class map does (config.invalid_labels): stop the run naming the
+# file, or count as void (ignore) with one warning per file.
+INVALID_LABEL_POLICIES = ("error", "ignore")
+
+log = logging.getLogger("usss_jax")
+_reported_lock = threading.Lock()
+_reported_invalid: set[str] = set()
 
 
 class DataError(ValueError):
@@ -59,30 +68,63 @@ class Example:
   label_path: str | None = None
 
 
+def _check_size(array: np.ndarray, path: str, what: str) -> np.ndarray:
+  if array.size == 0:
+    raise DataError(f"{path}: {what} decodes to {array.shape[1] if array.ndim > 1 else 0}x"
+                    f"{array.shape[0]} pixels; replace the file or remove it from the dataset")
+  return array
+
+
 def load_rgb(path: str) -> np.ndarray:
-  """Decodes an image file to [H, W, 3] uint8; DataError naming the file if unreadable."""
+  """Decodes an image file to [H, W, 3] uint8; DataError naming the file if unreadable.
+
+  16-bit grayscale images are scaled to 8 bits (value / 256); 32-bit integer or float images
+  are an error (no scale to assume).
+  """
   try:
     with Image.open(path) as im:
       im.load()
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
+      if im.mode.startswith("I;16"):
+        gray = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+        return _check_size(np.repeat(gray[..., None], 3, axis=-1), path, "image")
+      if im.mode in ("I", "F"):
+        raise DataError(f"{path}: image of mode {im.mode!r} (32 bits per pixel); expected "
+                        "8-bit RGB or grayscale (or 16-bit grayscale): convert it")
+      return _check_size(np.asarray(im.convert("RGB"), dtype=np.uint8), path, "image")
   except FileNotFoundError as e:
     raise DataError(f"{path}: image file does not exist") from e
+  except DataError:
+    raise
   except (OSError, SyntaxError, ValueError) as e:
     raise DataError(f"{path}: unreadable or truncated image ({e})") from e
 
 
 def load_label_png(path: str) -> np.ndarray:
-  """Decodes a single-channel label PNG to [H, W] int32 raw values (no mapping)."""
+  """Decodes a single-channel label PNG to [H, W] int32 raw values (no mapping).
+
+  8- and 16-bit grayscale, palette and bilevel PNGs hold the values directly; an RGB(A) or
+  grayscale+alpha PNG whose colour channels are all equal (a grayscale label saved in colour)
+  holds them in its first channel. Colour-coded labels are an error naming a colour found.
+  """
   try:
     with Image.open(path) as im:
       im.load()
-      if im.mode in ("L", "P", "I", "I;16", "I;16B"):
-        arr = np.asarray(im)
-      else:
-        raise DataError(
-            f"{path}: label image has mode {im.mode!r}; expected a single-channel "
-            "(L/P/I) PNG of class ids")
-      return arr.astype(np.int32)
+      arr = np.asarray(im)
+      if im.mode in ("1", "L", "P", "I") or im.mode.startswith("I;16"):
+        return _check_size(arr.astype(np.int32), path, "label image")
+      if im.mode in ("LA", "RGB", "RGBA"):
+        colour = arr[..., :1] if im.mode == "LA" else arr[..., :3]
+        alpha = arr[..., -1] if im.mode in ("LA", "RGBA") else None
+        if (colour == colour[..., :1]).all() and (alpha is None or (alpha == 255).all()):
+          return _check_size(colour[..., 0].astype(np.int32), path, "label image")
+        differing = np.argwhere((colour != colour[..., :1]).any(-1))
+        found = (f"e.g. colour {tuple(int(v) for v in arr[tuple(differing[0])])}"
+                 if len(differing) else "a transparent pixel")
+        raise DataError(f"{path}: label image of mode {im.mode!r} with {found}; expected "
+                        "class ids in one channel (an L, P or 16-bit PNG): convert "
+                        "colour-coded labels to class ids")
+      raise DataError(f"{path}: label image has mode {im.mode!r}; expected a single-channel "
+                      "(L/P/I) PNG of class ids")
   except FileNotFoundError as e:
     raise DataError(f"{path}: label file does not exist") from e
   except DataError:
@@ -91,24 +133,35 @@ def load_label_png(path: str) -> np.ndarray:
     raise DataError(f"{path}: unreadable or truncated label image ({e})") from e
 
 
-def map_label_values(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
+def map_label_values(raw: np.ndarray, lut: np.ndarray, path: str,
+                     invalid: str = "error") -> np.ndarray:
   """Maps raw label values to train ids through a lookup table.
 
   Args:
     raw: [H, W] int raw values.
     lut: [V] int table; entries < 0 mark values that must not occur.
     path: file name for the error message.
+    invalid: a value outside the table: "error" (DataError naming the file, the values and
+      the fix) or "ignore" (void, 255; one warning per file with the pixel count).
   Returns:
     [H, W] uint8 train ids (255 = ignore).
   """
   bad = (raw < 0) | (raw >= len(lut))
-  if not bad.any():
-    mapped = lut[raw]
-    bad = mapped < 0
+  mapped = lut[np.clip(raw, 0, len(lut) - 1)]
+  bad |= mapped < 0
   if bad.any():
     vals = np.unique(raw[bad])[:10].tolist()
-    raise DataError(f"{path}: label values {vals} are outside the class map "
-                    f"(valid raw values: {np.flatnonzero(lut >= 0).tolist()})")
+    if invalid != "ignore":
+      raise DataError(f"{path}: label values {vals} are outside the class map (valid raw values:"
+                      f" {np.flatnonzero(lut >= 0).tolist()}): correct the file, or set "
+                      "--config.invalid_labels=ignore to count such pixels as void")
+    with _reported_lock:
+      first = path not in _reported_invalid
+      _reported_invalid.add(path)
+    if first:
+      log.warning("%s: %d pixel(s) with label values %s outside the class map count as void "
+                  "(config.invalid_labels=ignore)", path, int(bad.sum()), vals)
+    mapped = np.where(bad, IGNORE_LABEL, mapped)
   return mapped.astype(np.uint8)
 
 
@@ -137,6 +190,8 @@ class DatasetReader:
   """
 
   spec: DatasetSpec
+  # config.invalid_labels (INVALID_LABEL_POLICIES), set by usss_jax.domains.
+  invalid_labels: str = "error"
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -166,6 +221,7 @@ class DatasetReader:
       if label.shape != image.shape[:2]:
         raise DataError(
             f"{ex.label_path}: label size {label.shape[1]}x{label.shape[0]} (WxH) does "
-            f"not match image {ex.image_path} size {image.shape[1]}x{image.shape[0]}")
+            f"not match image {ex.image_path} size {image.shape[1]}x{image.shape[0]}: "
+            "resize the label to its image (nearest neighbour) or remove the pair")
       out["label"] = label
     return out

@@ -102,8 +102,8 @@ class CityscapesReader(folder.PairedReader):
     """labelIds -> trainIds, or checks a labelTrainIds file; chosen by file name."""
     raw = base.load_label_png(path)
     if path.endswith(TRAIN_IDS_SUFFIX):
-      return base.map_label_values(raw, self.train_id_lut, path)
+      return base.map_label_values(raw, self.train_id_lut, path, self.invalid_labels)
     if path.endswith(LABEL_IDS_SUFFIX):
-      return base.map_label_values(raw, self.lut, path)
+      return base.map_label_values(raw, self.lut, path, self.invalid_labels)
     raise DataError(f"{path}: not a Cityscapes label file (expected a name ending in "
                     f"{LABEL_IDS_SUFFIX} or {TRAIN_IDS_SUFFIX})")

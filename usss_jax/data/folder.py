@@ -155,7 +155,8 @@ class PairedReader(DatasetReader):
     return sorted(found or ())
 
   def decode_label(self, path: str) -> np.ndarray:
-    return base.map_label_values(base.load_label_png(path), self.lut, path)
+    return base.map_label_values(base.load_label_png(path), self.lut, path,
+                                 self.invalid_labels)
 
 
 def bit_palette(num_colors: int) -> list[tuple[int, int, int]]:

@@ -5,11 +5,20 @@ dependent, no seed). Here the labeled subset is a seeded permutation of the
 *key-sorted* examples, so it depends only on (keys, num_labeled, seed), and the
 chosen keys are written to the work directory so that resumed or repeated runs
 read back exactly the same lists.
+
+`<domain>.json` beside the two lists records their key counts and SHA-256 digests (written
+last). A list that is missing or does not read as a list of the dataset's keys (truncated,
+zeroed) is drawn again from the seed and rewritten when the result matches the record (one
+warning); otherwise the run stops naming the file and the fix. A list that reads but differs
+from the record (edited by hand, or cut at a line end) is an error until the record is deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 from typing import Sequence
 
@@ -17,6 +26,8 @@ import numpy as np
 
 from usss_jax import files
 from usss_jax.data.base import DataError, Example
+
+log = logging.getLogger("usss_jax")
 
 
 @dataclasses.dataclass
@@ -129,33 +140,93 @@ def _select(examples_by_key: dict[str, Example], keys: Sequence[str], path: str)
   return sorted((examples_by_key[k] for k in keys), key=lambda ex: ex.key)
 
 
+def _text(keys: Sequence[str]) -> str:
+  return "".join(k + "\n" for k in keys)
+
+
+def _record(keys: Sequence[str]) -> dict:
+  return {"count": len(keys), "sha256": hashlib.sha256(_text(keys).encode()).hexdigest()}
+
+
+def _read_record(path: str) -> dict | None:
+  """The recorded split of a domain, or None if the record is missing or does not read."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    return record if all(isinstance(record.get(k), dict) for k in ("labeled", "unlabeled")) \
+        else None
+  except (OSError, ValueError):
+    return None
+
+
+def _check_keys(keys: list[str], by_key: dict, path: str) -> list[Example]:
+  if len(set(keys)) != len(keys):
+    raise DataError(f"{path}: split list contains duplicate keys")
+  return _select(by_key, keys, path)
+
+
 def load_or_make_split(examples: Sequence[Example], directory: str, domain: str,
                        num_labeled: int, seed: int, *,
                        unlabeled_includes_labeled: bool = False,
-                       labeled_keys: Sequence[str] | None = None) -> Split:
+                       labeled_keys: Sequence[str] | None = None,
+                       write: bool = True) -> Split:
   """Reads the split files of `domain` from `directory`, or makes and writes them.
 
   Existing files win (so a resumed run cannot silently draw a different subset);
-  they are checked against the request: a different labeled count raises a
-  DataError naming the file.
+  they are checked against the request and against the record `<domain>.json` (module doc):
+  a different labeled count or a list that differs from its record raises a DataError
+  naming the file. `write=False` (a process that only reads; eval) never writes.
   """
   lab_path, unl_path = split_paths(directory, domain)
-  have_lab, have_unl = os.path.exists(lab_path), os.path.exists(unl_path)
-  if have_lab != have_unl:
-    present = lab_path if have_lab else unl_path
-    raise DataError(f"{present}: found without its partner list "
-                    f"{unl_path if have_lab else lab_path}; delete it or restore both")
+  record_path = os.path.join(directory, f"{domain}.json")
   ordered = _sorted_unique(examples)
-  if not have_lab:
-    split = make_split(ordered, num_labeled, seed,
-                       unlabeled_includes_labeled=unlabeled_includes_labeled,
-                       labeled_keys=labeled_keys)
-    write_split(split, directory, domain)
-    return split
   by_key = {ex.key: ex for ex in ordered}
-  lab_keys, unl_keys = read_keys(lab_path), read_keys(unl_path)
-  labeled = _select(by_key, lab_keys, lab_path)
-  unlabeled = _select(by_key, unl_keys, unl_path)
+  drawn = make_split(ordered, num_labeled, seed,
+                     unlabeled_includes_labeled=unlabeled_includes_labeled,
+                     labeled_keys=labeled_keys)
+  record_exists = os.path.exists(record_path)
+  record = _read_record(record_path)
+  new = not (record_exists or os.path.exists(lab_path) or os.path.exists(unl_path))
+  lists = {}
+  for kind, path, fresh in (("labeled", lab_path, drawn.labeled),
+                            ("unlabeled", unl_path, drawn.unlabeled)):
+    keys, problem = None, "is missing"
+    if os.path.exists(path):
+      try:
+        keys = read_keys(path)
+        _check_keys(keys, by_key, path)
+      except DataError as e:
+        keys, problem = None, f"does not read ({str(e).partition(': ')[2]})"
+    if keys is not None and record is not None and _record(keys) != record[kind]:
+      raise DataError(f"{path}: differs from the split this run recorded in {record_path} "
+                      f"({record[kind]['count']} keys)\nhint: if you edited it, delete "
+                      f"{record_path} to keep the edit; otherwise delete {path} to draw it "
+                      "again from the seed")
+    if keys is None:
+      keys = [ex.key for ex in fresh]
+      if record is None and not new:
+        raise DataError(f"{path}: {problem}, and {record_path}, which would allow drawing it "
+                        "again, is missing or damaged\nhint: delete the split lists of "
+                        f"{domain!r} to draw both again from the seed, or restore the file")
+      if record is not None and _record(keys) != record[kind]:
+        raise DataError(f"{path}: {problem}, and drawn again from the seed it differs from the "
+                        f"split this run recorded in {record_path} (the dataset, "
+                        "num_labeled or the seed changed)\nhint: restore the file from a "
+                        "backup, or train in a new --workdir")
+      if record is not None:
+        log.warning("%s %s; drew it again from the seed (it matches %s)", path, problem,
+                    record_path)
+      if write:
+        _write_lines(path, keys)
+    lists[kind] = keys
+  if record is None and write:  # written last: a list without it is checked as above
+    if not new:
+      log.warning("%s %s; recorded the split lists as they are", record_path,
+                  "did not read" if record_exists else "was missing")
+    files.write_json(record_path, {k: _record(v) for k, v in lists.items()})
+  labeled = _select(by_key, lists["labeled"], lab_path)
+  unlabeled = _select(by_key, lists["unlabeled"], unl_path)
+  lab_keys, unl_keys = lists["labeled"], lists["unlabeled"]
   if labeled_keys is not None:
     if sorted(labeled_keys) != sorted(lab_keys):
       raise DataError(f"{lab_path}: existing labeled list differs from the requested "
