@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -451,11 +452,16 @@ def test_size_mismatch(small_folder):
     reader.load_example(reader.list_examples("train")[1])
 
 
-def test_rgb_label_rejected(small_folder):
-  path = write_png(small_folder / "labels/train/1.png", rgb(4, 6))
+def test_colour_coded_label_rejected_and_grey_rgb_label_read(small_folder):
+  coloured = rgb(4, 6, 1)
+  coloured[1, 2] = (10, 20, 30)
+  path = write_png(small_folder / "labels/train/1.png", coloured)
   reader = data.get_reader("folder", str(small_folder))
-  with pytest.raises(DataError, match=f"{path}: label image has mode 'RGB'"):
+  with pytest.raises(DataError, match=re.escape(
+      f"{path}: label image of mode 'RGB' with e.g. colour (10, 20, 30)")):
     reader.load_example(reader.list_examples("train")[1])
+  write_png(path, rgb(4, 6, 1))  # a grayscale label saved as RGB: the ids are its channel
+  assert (reader.load_example(reader.list_examples("train")[1])["label"] == 1).all()
 
 
 def test_ambiguous_keys(small_folder):
