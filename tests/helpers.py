@@ -13,6 +13,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from usss_jax import config as config_lib
 from usss_jax import metric_writers, objectives, sharding, train_step
@@ -155,6 +156,20 @@ def build_train_step(config: ml_collections.ConfigDict, num_classes, input_hw, e
   state = state_lib.initial_state(config, model, tx, spec, input_hw, embeddings,
                                   sharding.replicated(sharding.single_device_mesh()))
   return model, spec, state, train_step.make_train_step(model, tx, spec, config.domain_names)
+
+
+@contextlib.contextmanager
+def tmpfs_disk(path: pathlib.Path, size: str):
+  """A real small disk: a tmpfs of `size` (e.g. "1m") mounted at `path` (made here) for the
+  block; skips the test where mounting is not allowed (needs root)."""
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from helpers import tmpfs_disk
 from usss_jax import sharding
 from usss_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointWriteError,
                                  UnreadableCheckpointError)
@@ -413,12 +413,7 @@ def test_deleted_state_metadata_makes_the_checkpoint_unreadable_not_foreign(tmp_
 
 def test_a_save_on_a_full_disk_is_one_error_and_keeps_the_older_checkpoints(tmp_path):
   """A real full disk (a 1 MiB tmpfs; needs root), not a simulated error."""
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a tmpfs here (needs root)")
-  try:
+  with tmpfs_disk(tmp_path / "disk", "1m") as disk:
     state = {"w": jnp.arange(64 * 1024, dtype=jnp.float32)}  # 256 KiB per checkpoint
     with Checkpointer(str(disk / "ckpt")) as ckpt:
       ckpt.save(1, state, extra={})
@@ -433,5 +428,3 @@ def test_a_save_on_a_full_disk_is_one_error_and_keeps_the_older_checkpoints(tmp_
     with Checkpointer(str(disk / "ckpt")) as ckpt:
       for step in ckpt.all_steps():
         _assert_trees_equal(ckpt.restore(_zeros_like(state), step)[0], state)
-  finally:
-    subprocess.run(["umount", str(disk)], check=True)

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from helpers import (ROOT, TINY_RUN, assert_same_params, child_env as make_child_env,
-                     error_lines, run_cli, tiny_demo_config)
+                     error_lines, run_cli, tiny_demo_config, tmpfs_disk)
 from usss_jax import evaluate, metric_writers, modes, train, workdir as workdir_lib
 from usss_jax.data import pipeline, registry
 from usss_jax.data.base import DataError, load_rgb
@@ -630,13 +630,8 @@ def test_an_evaluation_lost_to_a_kill_is_made_up_on_resume(tiny_run, demo_root, 
 
 @pytest.fixture
 def small_disk(tmp_path):
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a tmpfs here (needs root)")
-  yield disk
-  subprocess.run(["umount", str(disk)], check=True)
+  with tmpfs_disk(tmp_path / "disk", "64m") as disk:
+    yield disk
 
 
 def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes_exactly(
