@@ -570,7 +570,10 @@ def test_the_issue_reproduction_on_the_demo_config_exits_0(demo_root, tmp_path):
   """Issue 21's commands as written: the demo config, 40 steps (best checkpoint of step 40),
   the three largest files of checkpoint 40 cut to a third, then the same command with 50
   steps: the replay evaluates step 40 again while best/ holds it, and the run ends (exit 0)."""
-  env = make_child_env(USSS_DEMO_DATA=demo_root)
+  # As a user runs them: one CPU device (the suite's 8 would not divide the demo's batch of 4).
+  one_device = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                        if not flag.startswith("--xla_force_host_platform_device_count"))
+  env = make_child_env(USSS_DEMO_DATA=demo_root, XLA_FLAGS=one_device)
   workdir = tmp_path / "w"
   flags = ["--config=configs/demo.py", f"--workdir={workdir}", "--config.log_every=1",
            "--config.eval_every=20", "--config.checkpoint_every=5", "--config.seed=3"]

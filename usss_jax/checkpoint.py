@@ -66,10 +66,11 @@ class UnreadableCheckpointError(CheckpointError):
     super().__init__(f"{where}: unreadable checkpoint ({self.reason})")
 
 
-def _quiet_after_failed_read() -> None:
-  """After a failed restore, Orbax's abandoned reads print tracebacks when they are collected
-  ("Exception ignored in <coroutine ...>", "Event loop is closed", "Task exception was never
-  retrieved"); the failure is already reported in one line, so those are dropped."""
+def _quiet_abandoned_io() -> None:
+  """After a failed restore or a save that ran out of space, Orbax's abandoned reads and writes
+  print tracebacks when they are collected ("Exception ignored in <coroutine ...>", "Event loop
+  is closed", "Task exception was never retrieved"); the failure is already reported in one
+  line, so those are dropped."""
   if getattr(sys.unraisablehook, "usss_quiet", False):
     return
   default = sys.unraisablehook
@@ -259,6 +260,7 @@ class Checkpointer:
       reason = files.no_space(e)
       if not reason:
         raise
+      _quiet_abandoned_io()
       directory = epath.Path(manager.directory)
       if jax.process_index() == 0:  # free what the failed save took
         for tmp in directory.glob(f"{int(step)}{checkpoint_dir.TMP_SUFFIX}*"):
@@ -394,7 +396,7 @@ class Checkpointer:
           _EXTRA_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # tensorstore, JSON and OS errors alike  # pylint: disable=broad-except
       error = e
-      _quiet_after_failed_read()
+      _quiet_abandoned_io()
     # All processes go on from the same checkpoint.
     if checkpoint_dir.any_process(error is not None):
       raise UnreadableCheckpointError(where, error or RuntimeError(
