@@ -1,6 +1,7 @@
 """Universal training step: seconds/step, images/s, FLOPs and memory.
 
   .venv/bin/python benchmarks/train_step.py [--embedding-dim 100] [--json]
+  .venv/bin/python benchmarks/train_step.py --shapes camvid_iddlite   # an experiment's shapes
   .venv/bin/python benchmarks/train_step.py --tiny          # seconds-long smoke run
 
 The step is the project's own (`train_step.make_train_step` + `train_step.jit_train_step`
@@ -9,6 +10,12 @@ on `sharding.make_mesh()`), built from `usss_jax.config.base_config()`: method
 domain 2 labeled + 2 unlabeled 256x512 images, random label embeddings. Inputs
 are random and placed on the devices (batch-sharded) before timing, so this is
 the step alone, without the input pipeline.
+
+`--shapes NAME` takes the step's shapes from the experiment config configs/NAME.py instead:
+its encoder and widths, embedding size, classes per domain (its datasets' readers), labeled +
+unlabeled images per domain and training crop (camvid_iddlite: tiny DRN-D-22 widths, d = 32,
+11 + 7 classes, 4 + 4 images of 96x128; cs_idd, the paper's: 19 + 26 classes, 10 + 10 crops of
+512x512). Flags given on the command line win over the preset; "defaults" is the above.
 
 The reference PyTorch step of ../shared/notes/usss_reference.md §9 has this
 shape with embedding_dim 100 (and 20/27 classes: its heads carry an extra void
@@ -39,18 +46,45 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from usss_jax import config as config_lib  # noqa: E402
-from usss_jax import convert, modes, objectives, sharding, train_step  # noqa: E402
+from usss_jax import convert, data, modes, objectives, sharding, train_step  # noqa: E402
 from usss_jax import state as state_lib  # noqa: E402
 from usss_jax.label_embeddings import store  # noqa: E402
 from usss_jax.models import drn  # noqa: E402
+
+
+# --shapes: "defaults" (the flags' own) or an experiment config of configs/.
+SHAPES = ("defaults", "camvid_iddlite", "cs_idd")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
   return tuple(int(v) for v in text.split(",") if v)
 
 
+def shape_preset(name: str) -> dict:
+  """The flag values (argparse dests) of the --shapes preset `name` of SHAPES ({} for defaults).
+
+  Read from configs/<name>.py: encoder and widths, embedding size, classes per domain (the
+  domains' dataset readers), labeled and unlabeled images per domain, the training crop.
+  """
+  if name == "defaults":
+    return {}
+  config = config_lib.load_config(name)
+  domains = [config.domains[n] for n in config.domain_names]
+  crops = {tuple(d.crop) for d in domains}
+  if len(crops) != 1:  # the benchmark's step takes one image size for every domain
+    raise SystemExit(f"--shapes {name}: the domains' crops differ ({sorted(crops)})")
+  (height, width), = crops
+  return {"encoder": config.encoder, "encoder_channels": tuple(config.encoder_channels),
+          "embedding_dim": int(config.embedding_dim),
+          "classes": tuple(data.READERS[d.dataset].spec.num_classes for d in domains),
+          "labeled": int(config.labeled_batch), "unlabeled": int(config.unlabeled_batch),
+          "height": height, "width": width}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="defaults", choices=SHAPES,
+                      help="shapes of configs/<NAME>.py (flags given explicitly win)")
   parser.add_argument("--encoder", default="drn_d_22")
   parser.add_argument("--encoder-channels", type=_int_list, default=(),
                       help="8 comma-separated widths (default: the encoder's own)")
@@ -70,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--devices", type=int, default=None,
                       help="mesh size (default: all devices)")
   parser.add_argument("--matmul-size", type=int, default=None,
-                      help="n of the n x n matmul peak probe (default 2048 on CPU, 8192 else)")
+                      help="n of the n x n matmul peak probe (default 2048 on CPU, 8192 else; "
+                           "0: no probe)")
   parser.add_argument("--compare-torch", action="store_true",
                       help="also time benchmarks/torch_step.py (the PyTorch step) on the same "
                            "weights and batch, check its losses and print the ratio")
@@ -84,13 +119,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--tiny", action="store_true",
                       help="smoke preset: tiny widths, 32x64 images, 1 warm-up, 2 steps")
   common.add_output_flags(parser)
+  # The preset becomes the flags' defaults, so flags given on the command line still win.
+  parser.set_defaults(**shape_preset(parser.parse_known_args(argv)[0].shapes))
   args = parser.parse_args(argv)
   if args.tiny:
     args.encoder_channels = args.encoder_channels or common.TINY_CHANNELS
     args.height, args.width = 32, 64
     args.steps, args.warmup = 2, 1
     args.embedding_dim = min(args.embedding_dim, 16)
-    args.matmul_size = args.matmul_size or 256
+    args.matmul_size = 256 if args.matmul_size is None else args.matmul_size
   return args
 
 
@@ -237,7 +274,8 @@ def run(args) -> dict:
   device_mem = common.device_memory()
   host_peak = common.peak_host_rss_bytes()
 
-  peak = common.matmul_gflops(args.matmul_size, jnp.dtype(args.dtype))
+  peak = (common.matmul_gflops(args.matmul_size, jnp.dtype(args.dtype))
+          if args.matmul_size != 0 else None)
   images = len(names) * (args.labeled + (args.unlabeled if spec.uses_unlabeled else 0))
   seconds = timing["median_s"]
   achieved = flops / seconds / 1e9 if flops else None
@@ -251,6 +289,7 @@ def run(args) -> dict:
       "machine": info,
       "load_average_end": common.load_average(),
       "setup": {
+          "shapes": args.shapes,
           "encoder": args.encoder, "encoder_channels": list(args.encoder_channels) or None,
           "method": args.method,
           "terms": {t.name: w for t, w in zip(spec.terms, spec.weights)},
@@ -270,7 +309,7 @@ def run(args) -> dict:
       "flops_per_step_compiled": flops_compiled,
       "achieved_gflops": achieved,
       "matmul_peak": peak,
-      "fraction_of_matmul_peak": achieved / peak["gflops"] if achieved else None,
+      "fraction_of_matmul_peak": achieved / peak["gflops"] if achieved and peak else None,
       "busy_cores": timing["busy_cores"],
       "init_s": init_s,
       "lower_s": lower_s,
@@ -292,8 +331,8 @@ def table(r: dict) -> str:
   s, m = r["setup"], r["matmul_peak"]
   widths = f" widths {s['encoder_channels']}" if s["encoder_channels"] else ""
   terms = ", ".join(f"{name} x{weight:g}" for name, weight in s["terms"].items())
-  title = (f"train step: {s['encoder']}{widths}, method {s['method']} ({terms}), "
-           f"domains {s['classes']} classes, per domain "
+  title = (f"train step ({s['shapes']} shapes): {s['encoder']}{widths}, method {s['method']} "
+           f"({terms}), domains {s['classes']} classes, per domain "
            f"{s['labeled_per_domain']}+{s['unlabeled_per_domain']} images "
            f"{s['height']}x{s['width']}, D={s['embedding_dim']}, {s['dtype']}, "
            f"{s['mesh_devices']}-device mesh, {s['params']:,} params")
@@ -308,8 +347,8 @@ def table(r: dict) -> str:
       ("  of the compiled module (GPU: w/o library calls)",
        r["flops_per_step_compiled"] / 1e9 if r["flops_per_step_compiled"] else None),
       ("achieved GFLOP/s", r["achieved_gflops"]),
-      (f"matmul GFLOP/s ({m['dtype']} {m['n']}^2 @ {m['n']}^2)", m["gflops"]),
-      ("achieved / matmul", r["fraction_of_matmul_peak"]),
+      *([(f"matmul GFLOP/s ({m['dtype']} {m['n']}^2 @ {m['n']}^2)", m["gflops"]),
+         ("achieved / matmul", r["fraction_of_matmul_peak"])] if m else []),
       ("busy cores (CPU s / wall s)", r["busy_cores"]),
       ("init s (jit init_state)", r["init_s"]),
       ("lower s / compile s", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
