@@ -2,6 +2,7 @@
 
   TORCH_PY benchmarks/torch_step.py [--method full] [--height 256 --width 512] [--json]
   TORCH_PY benchmarks/torch_step.py --inputs step.npz --json-out torch.json
+  TORCH_PY benchmarks/torch_step.py --device cuda [--bf16]   # on a GPU (benchmarks/gpu_check.py)
 
 TORCH_PY is any Python with torch and numpy (torch is not a dependency of this
 project and this script imports nothing from it or from jax), e.g. a separate
@@ -53,6 +54,9 @@ step, after one SGD update. That first step counts as the first warm-up step.
 Without --inputs the weights are random (torch.manual_seed(--seed)); images,
 labels and label embeddings are drawn with NumPy exactly as
 benchmarks/train_step.py and embedding_stage.random_embeddings draw them.
+
+--device cuda runs the model and the batch on the GPU (cuDNN picks its convolution algorithms
+by benchmarking them, as XLA autotunes its own; the device's peak memory is reported).
 
 Timing: --warmup untimed steps, then the median of --steps timed steps;
 "busy_cores" = process CPU time / wall time over the timed steps. Busy cores
@@ -363,7 +367,7 @@ def train_step(model, optimizer, batch, prototypes, args, names, autocast,
     if w is not None:
       within.append(w)
       terms[f"within/{name}"] = w
-  zero = torch.zeros((), dtype=sup[0].dtype)
+  zero = torch.zeros((), dtype=sup[0].dtype, device=sup[0].device)
   total = sum(sup, zero) + alpha * sum(cross, zero) + beta * sum(within, zero)
   total.backward()
   terms["loss"] = total
@@ -489,10 +493,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  parser.add_argument("--device", default="cpu",
+                      help="torch device of the model and the batch (cpu, cuda)")
   parser.add_argument("--channels-last", action="store_true",
                       help="channels_last memory format for the model and the images")
   parser.add_argument("--bf16", action="store_true",
-                      help="forward under torch.autocast('cpu', torch.bfloat16); losses float32")
+                      help="forward under torch.autocast(<device>, torch.bfloat16); losses "
+                           "float32")
   parser.add_argument("--low-res-scores", action="store_true",
                       help="entropy scores at the encoder's resolution, then upsampled (what "
                       "usss_jax's step does; exact), instead of upsampling the D-dim embedding "
@@ -544,15 +551,23 @@ def run(args) -> dict:
     embeddings = loaded["label_embeddings"]
   else:
     batch, embeddings = random_inputs(args, memory_format)
-  model = model.to(memory_format=memory_format).train()
-  prototypes = [normalize_rows(torch.from_numpy(e)) for e in embeddings]
+  device = torch.device(args.device)
+  cuda = device.type == "cuda"
+  torch.backends.cudnn.benchmark = cuda
+  model = model.to(device=device, memory_format=memory_format).train()
+  batch = [{split: {k: v.to(device) for k, v in arrays.items()} for split, arrays in entry.items()}
+           for entry in batch]
+  prototypes = [normalize_rows(torch.from_numpy(e)).to(device) for e in embeddings]
   optimizer = make_optimizer(model, args.lr)
   num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-  autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16
+  autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16
               else contextlib.nullcontext)
 
   def step(grad_norm=False):
-    return train_step(model, optimizer, batch, prototypes, args, names, autocast, grad_norm)
+    metrics = train_step(model, optimizer, batch, prototypes, args, names, autocast, grad_norm)
+    if cuda:  # the optimizer's update is still queued: time the whole step
+      torch.cuda.synchronize(device)
+    return metrics
 
   load_start = _load_average()
   check, second_loss, warmup_times = None, None, []
@@ -607,6 +622,9 @@ def run(args) -> dict:
       "images_per_s": images / seconds,
       "busy_cores": cpu / wall if wall > 0 else float("nan"),
       "peak_rss_bytes": _peak_rss_bytes(),
+      "device": str(device),
+      "device_name": torch.cuda.get_device_name(device) if cuda else None,
+      "device_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
       "check": check,
       "check_second_step_loss": second_loss if check is not None else None,
       "final_loss": metrics["loss"],
@@ -623,7 +641,8 @@ def table(r: dict) -> str:
       f"beta={s['beta']:g}), domains {s['classes']} classes, per domain "
       f"{s['labeled_per_domain']}+{s['unlabeled_per_domain']} images {s['height']}x{s['width']}, "
       f"D={s['embedding_dim']}, {s['params']:,} params{flags}",
-      f"torch {r['torch_version']}, {r['threads']} threads, python {r['python']}, host cpus "
+      f"torch {r['torch_version']} on {r['device_name'] or r['device']}, {r['threads']} threads, "
+      f"python {r['python']}, host cpus "
       f"{r['host_cpus']}, load average {r['load_average']}",
   ]
   pairs = [
@@ -634,6 +653,8 @@ def table(r: dict) -> str:
       ("images/s (labeled+unlabeled)", f"{r['images_per_s']:.3f}"),
       ("busy cores (CPU s / wall s)", f"{r['busy_cores']:.2f}"),
       ("peak RSS MiB", f"{r['peak_rss_bytes'] / 2 ** 20:.1f}"),
+      *([("peak device MiB", f"{r['device_peak_bytes'] / 2 ** 20:.1f}")]
+        if r["device_peak_bytes"] is not None else []),
       ("loss of the last timed step", f"{r['final_loss']:.6f}"),
       ("load average end", str(r["load_average_end"])),
   ]
