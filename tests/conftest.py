@@ -26,7 +26,6 @@ os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
-import fcntl  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -71,25 +70,10 @@ def shared_data_dir() -> pathlib.Path:
   return _shared_subdir("data")
 
 
-def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
-  """`<common temp>/<name>`, made by `build(path)` in exactly one worker of this test run."""
-  common = tmp_path_factory.getbasetemp()
-  if _RUN_ID:  # xdist: every worker's basetemp is a child of the run's one folder
-    common = common.parent
-  path = common / name
-  with open(common / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (path / ".done").exists():
-      path.mkdir(parents=True, exist_ok=True)
-      build(path)
-      (path / ".done").touch()
-  return path
-
-
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> str:
   """The demo data (street + indoor), generated once per test run."""
-  return str(_built_once(tmp_path_factory, "demo_data",
+  return str(helpers.built_once(tmp_path_factory, "demo_data",
                          lambda path: demo.ensure_demo_data(str(path))))
 
 
@@ -104,6 +88,6 @@ class TinyRun:
 def tiny_run(tmp_path_factory, demo_root) -> TinyRun:
   """The tiny universal run (`helpers.TINY_RUN`), trained once per test run."""
   config = helpers.tiny_demo_config(demo_root, **helpers.TINY_RUN)
-  workdir = _built_once(tmp_path_factory, "tiny_run",
+  workdir = helpers.built_once(tmp_path_factory, "tiny_run",
                         lambda path: modes.embed_and_train(config, str(path / "run")))
   return TinyRun(workdir / "run", *helpers.final_state_and_results(config, workdir / "run"))

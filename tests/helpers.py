@@ -2,6 +2,7 @@
 the command-line runner, and numeric helpers."""
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -95,6 +96,22 @@ def child_env(**extra) -> dict:
               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+
+
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """`<common temp>/<name>`, made by `build(path)` in exactly one worker of this test run (the
+  others wait for it and reuse it)."""
+  common = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_TESTRUNUID"):  # every worker's basetemp is in the run's one
+    common = common.parent
+  path = common / name
+  with open(common / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / ".done").exists():
+      path.mkdir(parents=True, exist_ok=True)
+      build(path)
+      (path / ".done").touch()
+  return path
 
 
 def run_cli(*args, module: str | None = None, env: dict | None = None,

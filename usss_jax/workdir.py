@@ -12,16 +12,13 @@ and the processes of a multi-process run (shared files, lost processes).
   training step, removes everything the run created, so the next attempt starts clean.
 
 Multi-host: only process 0 writes the lock and cleans up; every process installs the
-handlers (a cluster signals every process; the loop agrees on stopping across processes).
-`main_process_first` lets process 0 write a shared file (splits, label embeddings) while the
-others wait for it. A process that stops with an error announces it; the others notice a lost
-process (a collective fails, or `initialize_distributed`'s heartbeat callback fires when the
-coordinator's process is gone or a process stopped sending heartbeats) and stop with one
-`ProcessLostError` line naming it, within the heartbeat timeout. Every process that stops this
-way leaves without jax's shutdown barrier (which would wait for the lost process). Where jax's
-coordination client itself ends a process (the coordinator's process is gone, or another stopped
-sending heartbeats: it aborts with a C++ trace, and its Python callback cannot be used), the
-launcher's `supervise` turns that into one error line naming the lost process.
+handlers (the loop agrees on stopping across processes). `main_process_first` lets process 0
+write a shared file (splits, label embeddings) while the others wait for it. A process that
+stops with an error announces it; the others notice a lost process (a collective fails, or the
+heartbeats stop) and stop with one `ProcessLostError` line naming it, within the heartbeat
+timeout, leaving without jax's shutdown barrier (which would wait for the lost process). Where
+jax's coordination client itself aborts a process with a C++ trace, the launcher's
+`supervise` turns that into one error line naming the lost process.
 """
 
 from __future__ import annotations
@@ -44,7 +41,12 @@ import time
 from typing import Iterator
 
 import jax
-from jax._src import distributed as jax_distributed  # the coordination service's client
+import jax.numpy as jnp
+import numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+
+from usss_jax import sharding
 
 log = logging.getLogger("usss_jax")
 
@@ -229,20 +231,33 @@ _LOST_PEER = ("Gloo", "Connection closed by peer", "Connection reset", "connecti
 _sequence: dict[str, Iterator[int]] = {}
 
 
-def _client():
+def _client():  # the coordination service's client on several processes
   return jax_distributed.global_state.client if jax.process_count() > 1 else None
 
 
 def initialize_distributed(**kwargs) -> None:
-  """`jax.distributed.initialize(**kwargs)`, then this process's pid and host are registered
-  with the coordination service (for the messages naming a lost process). The heartbeat
-  timeout is `$USSS_HEARTBEAT_TIMEOUT_S` (default jax's, 100 s)."""
+  """`jax.distributed.initialize(**kwargs)`; registers this process's pid and host (named when
+  it is lost) and connects the collectives. Heartbeat timeout: `$USSS_HEARTBEAT_TIMEOUT_S`."""
   if os.environ.get(HEARTBEAT_ENV):
     kwargs.setdefault("heartbeat_timeout_seconds", int(os.environ[HEARTBEAT_ENV]))
   jax.distributed.initialize(**kwargs)
   _client().key_value_set(f"{_KV}/process/{jax.process_index()}",
                           json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
                           allow_overwrite=True)
+  _connect_collectives()
+
+
+def _connect_collectives() -> None:
+  """Connects every cross-process device group of the run while all processes stand at one
+  barrier: gloo gives a group's first collective 30 s for all to arrive (later ones wait as
+  long as needed), and a loaded host can reach the first training program minutes late
+  (docs/FAULTS.md). Groups: multihost_utils' gathers and the training mesh."""
+  _client().wait_at_barrier(f"{_KV}/connect_collectives", 3600 * 1000)
+  multihost_utils.process_allgather(np.int32(jax.process_index()))
+  mesh = sharding.make_mesh()
+  ones = jax.make_array_from_callback((jax.device_count(),), sharding.batch_sharded(mesh),
+                                      lambda index: np.ones(1, np.int32))
+  jax.block_until_ready(jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(ones))
 
 
 def _process_info(index: int) -> dict | None:
