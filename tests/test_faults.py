@@ -221,6 +221,26 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
   assert not lock.exists()
 
 
+def test_a_lock_of_an_exited_unreaped_process_is_stale(tmp_path):
+  """A process that exited but is not reaped yet (a zombie: killed with its supervisor, say)
+  holds no lock; the same test names a lost process of a multi-process run."""
+  zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+  stat = pathlib.Path(f"/proc/{zombie.pid}/stat")
+  deadline = time.time() + 60
+  while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+    assert time.time() < deadline, stat.read_text()
+    time.sleep(0.05)
+  try:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lock = workdir / workdir_lib.LOCK_FILE
+    lock.write_text(json.dumps({"pid": zombie.pid, "host": os.uname().nodename}))
+    with workdir_lib.RunGuard(str(workdir)):
+      assert json.loads(lock.read_text())["pid"] == os.getpid()
+  finally:
+    zombie.wait()
+
+
 # 5. Bad images met mid-training.
 
 def _unlabeled_image_first_met_at(config, workdir: str, name: str, step: int):

@@ -87,11 +87,12 @@ def note_training_step() -> None:
 def _process_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) is gone
+      return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
   except ProcessLookupError:
     return False
-  except PermissionError:  # exists, owned by someone else
+  except OSError:  # exists, owned by someone else, or no /proc
     return True
-  return True
 
 
 def _read_holder(path: str) -> dict | None:
@@ -248,10 +249,9 @@ def initialize_distributed(**kwargs) -> None:
 
 
 def _connect_collectives() -> None:
-  """Connects every cross-process device group of the run while all processes stand at one
-  barrier: gloo gives a group's first collective 30 s for all to arrive (later ones wait as
-  long as needed), and a loaded host can reach the first training program minutes late
-  (docs/FAULTS.md). Groups: multihost_utils' gathers and the training mesh."""
+  """Connects the run's cross-process device groups (multihost_utils' gathers, the training
+  mesh) at one barrier: gloo gives a group's first collective 30 s for all processes to
+  arrive, later ones wait as long as needed; a loaded host can be minutes late (FAULTS.md)."""
   _client().wait_at_barrier(f"{_KV}/connect_collectives", 3600 * 1000)
   multihost_utils.process_allgather(np.int32(jax.process_index()))
   mesh = sharding.make_mesh()
