@@ -74,7 +74,7 @@ def shared_data_dir() -> pathlib.Path:
 def demo_root(tmp_path_factory) -> str:
   """The demo data (street + indoor), generated once per test run."""
   return str(helpers.built_once(tmp_path_factory, "demo_data",
-                         lambda path: demo.ensure_demo_data(str(path))))
+                                lambda path: demo.ensure_demo_data(str(path))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,5 +89,5 @@ def tiny_run(tmp_path_factory, demo_root) -> TinyRun:
   """The tiny universal run (`helpers.TINY_RUN`), trained once per test run."""
   config = helpers.tiny_demo_config(demo_root, **helpers.TINY_RUN)
   workdir = helpers.built_once(tmp_path_factory, "tiny_run",
-                        lambda path: modes.embed_and_train(config, str(path / "run")))
+                               lambda path: modes.embed_and_train(config, str(path / "run")))
   return TinyRun(workdir / "run", *helpers.final_state_and_results(config, workdir / "run"))

@@ -55,7 +55,7 @@ def _env(index: int, port: int, heartbeat_s: int) -> dict:
 
 
 class Pair:
-  """Two processes of one run; their stderr goes to <logs>/<tag>.<index>.txt."""
+  """Two processes of one run; their stdout and stderr go to <logs>/<tag>.<index>.txt."""
 
   def __init__(self, config_file: str, workdir: pathlib.Path, logs: pathlib.Path, tag: str,
                heartbeat_s: int = HEARTBEAT_S):
