@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -428,3 +430,22 @@ def test_a_save_on_a_full_disk_is_one_error_and_keeps_the_older_checkpoints(tmp_
     with Checkpointer(str(disk / "ckpt")) as ckpt:
       for step in ckpt.all_steps():
         _assert_trees_equal(ckpt.restore(_zeros_like(state), step)[0], state)
+
+
+def test_abandoned_orbax_io_is_quiet_from_the_moment_a_checkpointer_opens(tmp_path):
+  """A failed save's writer threads can report "Event loop is closed" (an unraisable exception
+  with no object) before the save's own error reaches the Checkpointer, so the filter must be in
+  place from the start; other unraisable exceptions still print."""
+  script = (
+      "import gc, sys\n"
+      "from usss_jax.checkpoint import Checkpointer\n"
+      "class Abandoned:\n"
+      "  def __init__(self, message): self.message = message\n"
+      "  def __del__(self): raise RuntimeError(self.message)\n"
+      f"ckpt = Checkpointer({str(tmp_path / 'ckpt')!r})\n"
+      "Abandoned('Event loop is closed'); Abandoned('a real bug'); gc.collect()\n"
+      "ckpt.close(); print('done')\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
+  assert "a real bug" in out.stderr and "Event loop is closed" not in out.stderr, out.stderr

@@ -70,7 +70,8 @@ def _quiet_abandoned_io() -> None:
   """After a failed restore or a save that ran out of space, Orbax's abandoned reads and writes
   print tracebacks when they are collected ("Exception ignored in <coroutine ...>", "Event loop
   is closed", "Task exception was never retrieved"); the failure is already reported in one
-  line, so those are dropped."""
+  line, so those are dropped. Installed when a Checkpointer opens: a failed save's writer
+  threads can report before the save's own exception reaches us."""
   if getattr(sys.unraisablehook, "usss_quiet", False):
     return
   default = sys.unraisablehook
@@ -183,6 +184,7 @@ class Checkpointer:
     self._aside_dir = self.directory / checkpoint_dir.UNREADABLE_SUBDIR
     if checkpoint_dir.no_space_in_save_thread not in logging.getLogger("absl").filters:
       logging.getLogger("absl").addFilter(checkpoint_dir.no_space_in_save_thread)
+    _quiet_abandoned_io()
     self._best_dir = self.directory / checkpoint_dir.BEST_SUBDIR
     self._async_save = async_save
     self.read_only = read_only
@@ -260,7 +262,6 @@ class Checkpointer:
       reason = files.no_space(e)
       if not reason:
         raise
-      _quiet_abandoned_io()
       directory = epath.Path(manager.directory)
       if jax.process_index() == 0:  # free what the failed save took
         for tmp in directory.glob(f"{int(step)}{checkpoint_dir.TMP_SUFFIX}*"):
@@ -396,7 +397,6 @@ class Checkpointer:
           _EXTRA_ITEM: ocp.args.JsonRestore()}))
     except Exception as e:  # tensorstore, JSON and OS errors alike  # pylint: disable=broad-except
       error = e
-      _quiet_abandoned_io()
     # All processes go on from the same checkpoint.
     if checkpoint_dir.any_process(error is not None):
       raise UnreadableCheckpointError(where, error or RuntimeError(
