@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from usss_jax import config as config_lib  # noqa: E402
-from usss_jax import convert, data, modes, objectives, sharding, train_step  # noqa: E402
+from usss_jax import cli, convert, data, modes, objectives, sharding, train_step  # noqa: E402
 from usss_jax import state as state_lib  # noqa: E402
 from usss_jax.label_embeddings import store  # noqa: E402
 from usss_jax.models import drn  # noqa: E402
@@ -147,6 +147,7 @@ def make_config(args):
   config.conv_weight_grad = args.conv_weight_grad
   config.labeled_batch = args.labeled
   config.unlabeled_batch = args.unlabeled
+  config.eval_batch = args.labeled  # not timed; only has to split over the devices as the rest
   config.label_embeddings.source = "random"
   return config
 
@@ -224,7 +225,14 @@ def compare_losses(jax_metrics: dict, torch_result: dict) -> dict:
   return rows
 
 
-def run(args) -> dict:
+def build(args) -> dict:
+  """The compiled step and what it runs on.
+
+  Returns:
+    {"info", "config", "spec", "names", "mesh", "state" (initial: the first step donates it),
+     "batch", "compiled", "init_s", "lower_s", "compile_s", "flops" (of the lowered HLO),
+     "flops_compiled", "planned" (XLA's memory plan, bytes), "num_params"}.
+  """
   info = common.machine_info()
   config = make_config(args)
   spec = modes.check_config(config)
@@ -252,20 +260,46 @@ def run(args) -> dict:
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = common.flops_of(lowered)  # backend-independent (see common.flops_of)
-  flops_compiled = common.flops_of(compiled)
-  planned = common.planned_memory_bytes(compiled)
+  return {"info": info, "config": config, "spec": spec, "names": names, "mesh": mesh,
+          "state": state, "batch": batch, "compiled": compiled, "init_s": init_s,
+          "lower_s": lower_s, "compile_s": compile_s,
+          "flops": common.flops_of(lowered),  # backend-independent (see common.flops_of)
+          "flops_compiled": common.flops_of(compiled),
+          "planned": common.planned_memory_bytes(compiled), "num_params": num_params}
 
+
+def setup_of(args, built: dict) -> dict:
+  """The JSON's "setup": what was timed."""
+  spec = built["spec"]
+  return {
+      "shapes": args.shapes,
+      "encoder": args.encoder, "encoder_channels": list(args.encoder_channels) or None,
+      "method": args.method,
+      "terms": {t.name: w for t, w in zip(spec.terms, spec.weights)},
+      "classes": list(args.classes), "embedding_dim": args.embedding_dim,
+      "height": args.height, "width": args.width, "labeled_per_domain": args.labeled,
+      "unlabeled_per_domain": args.unlabeled if spec.uses_unlabeled else 0,
+      "dtype": args.dtype, "conv_weight_grad": args.conv_weight_grad,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "mesh_devices": built["mesh"].devices.size, "params": int(built["num_params"]),
+      "warmup": args.warmup, "steps": args.steps,
+  }
+
+
+def run(args) -> dict:
+  built = build(args)
+  names, spec, batch = built["names"], built["spec"], built["batch"]
   # The compiled executable donates its state argument: thread the state through.
-  holder = {"state": state}
+  holder = {"state": built["state"]}
 
   def step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = built["compiled"](holder["state"], batch)
     return holder["state"], metrics
 
   workdir = tempfile.mkdtemp(prefix="usss_train_step_")
   if args.compare_torch:  # before the first step: it donates (deletes) the initial state
-    inputs = torch_inputs(os.path.join(workdir, "inputs.npz"), state, batch, names, config)
+    inputs = torch_inputs(os.path.join(workdir, "inputs.npz"), holder["state"], batch, names,
+                          built["config"])
   first_start = time.perf_counter()
   first_metrics = jax.device_get(jax.block_until_ready(step())[1])
   first_step_s = time.perf_counter() - first_start
@@ -278,6 +312,7 @@ def run(args) -> dict:
           if args.matmul_size != 0 else None)
   images = len(names) * (args.labeled + (args.unlabeled if spec.uses_unlabeled else 0))
   seconds = timing["median_s"]
+  flops = built["flops"]
   achieved = flops / seconds / 1e9 if flops else None
   torch_result = losses_check = None
   if args.compare_torch:
@@ -286,19 +321,9 @@ def run(args) -> dict:
   shutil.rmtree(workdir, ignore_errors=True)
   return {
       "benchmark": "train_step",
-      "machine": info,
+      "machine": built["info"],
       "load_average_end": common.load_average(),
-      "setup": {
-          "shapes": args.shapes,
-          "encoder": args.encoder, "encoder_channels": list(args.encoder_channels) or None,
-          "method": args.method,
-          "terms": {t.name: w for t, w in zip(spec.terms, spec.weights)},
-          "classes": list(args.classes), "embedding_dim": args.embedding_dim,
-          "height": args.height, "width": args.width, "labeled_per_domain": args.labeled,
-          "unlabeled_per_domain": args.unlabeled if spec.uses_unlabeled else 0,
-          "dtype": args.dtype, "mesh_devices": mesh.devices.size, "params": int(num_params),
-          "warmup": args.warmup, "steps": args.steps,
-      },
+      "setup": setup_of(args, built),
       "seconds_per_step": seconds,
       "seconds_min": timing["min_s"],
       "seconds_max": timing["max_s"],
@@ -306,20 +331,20 @@ def run(args) -> dict:
       "images_per_step": images,
       "images_per_s": images / seconds,
       "flops_per_step": flops,
-      "flops_per_step_compiled": flops_compiled,
+      "flops_per_step_compiled": built["flops_compiled"],
       "achieved_gflops": achieved,
       "matmul_peak": peak,
       "fraction_of_matmul_peak": achieved / peak["gflops"] if achieved and peak else None,
       "busy_cores": timing["busy_cores"],
-      "init_s": init_s,
-      "lower_s": lower_s,
-      "compile_s": compile_s,
+      "init_s": built["init_s"],
+      "lower_s": built["lower_s"],
+      "compile_s": built["compile_s"],
       "first_step_s": first_step_s,
       "warmup_s": timing["warmup_s"],
       "final_loss": loss,
       "host_peak_rss_bytes": host_peak,
       "device_peak_bytes": device_mem["peak_bytes"] if device_mem else None,
-      "xla_planned_bytes": planned,
+      "xla_planned_bytes": built["planned"],
       "torch": torch_result,
       "torch_seconds_per_step": torch_result["seconds_per_step"] if torch_result else None,
       "speedup_vs_torch": (torch_result["seconds_per_step"] / seconds) if torch_result else None,
@@ -376,6 +401,7 @@ def _torch_rows(r: dict) -> list:
 
 
 def main(argv=None) -> None:
+  cli.default_xla_flags()  # the launcher's XLA options (before jax starts its backend)
   args = parse_args(argv)
   result = run(args)
   common.emit(result, table(result), args)

@@ -24,6 +24,8 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
     _FLAGS += " " + _flag
 os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from usss_jax import cli  # noqa: E402  (imports jax, not its backend)
+cli.default_xla_flags()  # the entry points' own XLA options: the suite runs what users run
 
 import dataclasses  # noqa: E402
 import tempfile  # noqa: E402

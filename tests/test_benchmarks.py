@@ -1,4 +1,5 @@
-"""The benchmark scripts' wiring: train_step.py's shape presets, the methods table, and the GPU
+"""The benchmark scripts' wiring: train_step.py's shape presets, the methods table, the step
+profile (benchmarks/profile_step.py), and the GPU
 check (benchmarks/gpu_check.py): how it records items that fail, and its CPU dry run, which
 runs every item with tiny shapes (the check itself needs a GPU)."""
 
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 import helpers
+from usss_jax import cli
 from usss_jax import config as config_lib
 
 sys.path.insert(0, str(helpers.ROOT))
@@ -97,3 +99,27 @@ def test_gpu_check_dry_run_measures_every_item(tmp_path):
   assert set(demo["miou"]) == {"street", "indoor"}
   table = (out / "gpu_check.md").read_text()
   assert "| usss-jax | cs_idd | bfloat16 |" in table and "Demo training" in table
+
+
+@pytest.mark.slow
+def test_the_profile_attributes_the_tiny_step_to_its_stages_and_kinds(tmp_path):
+  """As a user runs it: its own process, one CPU device, the entry points' XLA options."""
+  out = tmp_path / "profile.json"
+  proc = subprocess.run(
+      [sys.executable, str(helpers.ROOT / "benchmarks" / "profile_step.py"), "--tiny",
+       "--trace-steps", "1", "--top", "5", "--json-out", str(out)],
+      capture_output=True, text=True, env=helpers.child_env(XLA_FLAGS=""), timeout=900,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["setup"]["xla_flags"] == " ".join(cli.DEFAULT_XLA_FLAGS)
+  shares = result["shares"]
+  assert result["thunk_seconds_per_step"] > 0 and len(result["top_ops"]) == 5
+  for key in ("stage", "kind", "stage_direction"):
+    assert math.isclose(sum(v["share"] for v in shares[key].values()), 1.0, rel_tol=1e-6), key
+  # Every encoder stage runs forward and backward; the convolutions are told apart.
+  assert {f"encoder/layer{i} {d}" for i in range(9) for d in ("forward", "backward")} <= set(
+      shares["stage_direction"])
+  assert {"conv forward", "conv input grad", "conv kernel grad"} <= set(shares["kind"])
+  assert {"heads", "entropy module", "rest"} <= set(shares["stage"])
+  assert "encoder/layer6 backward" in proc.stdout

@@ -11,6 +11,8 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 from absl import flags
 import numpy as np
@@ -375,3 +377,46 @@ def test_run_directory_is_required_before_reading(tmp_path):
     modes.require_run(str(tmp_path / "typo"))
   assert not (tmp_path / "typo").exists()
   assert os.listdir(tmp_path) == []
+
+
+def test_the_entry_points_xla_defaults_join_the_users_flags_and_yield_to_them(monkeypatch):
+  monkeypatch.delenv("USSS_XLA_DEFAULTS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cli.default_xla_flags()
+  cli.default_xla_flags()  # once only
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                             *cli.DEFAULT_XLA_FLAGS]
+  own = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+  monkeypatch.setenv("XLA_FLAGS", own)
+  cli.default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == own
+  monkeypatch.delenv("XLA_FLAGS")
+  monkeypatch.setenv("USSS_XLA_DEFAULTS", "off")
+  cli.default_xla_flags()
+  assert "XLA_FLAGS" not in os.environ
+
+
+_CONV_PROBE = """
+from usss_jax import cli
+cli.default_xla_flags()
+import jax, jax.numpy as jnp
+from jax import lax
+def loss(x, w):
+  y = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.sum(jax.nn.relu(y) ** 2)
+x, w = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+print(sum("= " in line and "ynn_fusion" in line.split("=")[0] for line in text.splitlines()))
+"""
+
+
+@pytest.mark.parametrize("defaults", ["on", "off"])
+def test_the_xla_defaults_reach_the_compiler_when_set_after_importing_jax(defaults):
+  """The entry points import jax (not its backend) before they set the flags; XLA reads them when
+  the backend starts, so a convolution's gradient compiles without YNNPACK fusions."""
+  env = helpers.child_env(USSS_XLA_DEFAULTS=defaults, XLA_FLAGS="", PYTHONPATH=str(helpers.ROOT))
+  out = subprocess.run([sys.executable, "-c", _CONV_PROBE], capture_output=True, text=True,
+                       env=env, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  fusions = int(out.stdout.split()[-1])
+  assert (fusions == 0) if defaults == "on" else (fusions >= 3), out.stdout

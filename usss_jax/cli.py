@@ -34,9 +34,25 @@ EXIT_USER_ERROR = 2
 USER_ERRORS = (config.ConfigError, base.DataError, checkpoint.CheckpointError,
                workdir.WorkdirInUseError, metric_writers.NonFiniteLossError, flags.Error,
                app.UsageError, files.WriteError, workdir.ProcessLostError)
+# XLA:CPU hands convolutions (and what it fuses with them) to YNNPACK by default; for the DRN
+# its own convolutions measured faster at the default shapes with a 600 MiB smaller memory plan
+# (docs/BENCHMARKS.md). Only XLA:CPU reads it. USSS_XLA_DEFAULTS=off leaves XLA_FLAGS alone.
+DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 _VERBOSITY = re.compile(r"^--?(?:verbosity|v)(?:=|$)")
 _CONFIG_LOAD_FAILURE = "Failed loading config file"
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
+
+
+def default_xla_flags() -> None:
+  """Adds DEFAULT_XLA_FLAGS to $XLA_FLAGS (a flag the user set there wins); call it before jax
+  initialises its backend. The entry points do; child processes inherit it."""
+  if os.environ.get("USSS_XLA_DEFAULTS", "on") == "off":
+    return
+  current = os.environ.get("XLA_FLAGS", "")
+  for flag in DEFAULT_XLA_FLAGS:
+    if flag.split("=")[0] + "=" not in current:
+      current += " " + flag
+  os.environ["XLA_FLAGS"] = current.strip()
 
 
 def traceback_requested(argv: Sequence[str]) -> bool:
@@ -169,6 +185,7 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None, *,
     help_text, help_modules: what --help prints (the summary and the modules whose flags it
       lists); absl's own --help when not given.
   """
+  default_xla_flags()
   argv = list(sys.argv if argv is None else argv)
   show_traceback = traceback_requested(argv)
   options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
