@@ -66,10 +66,10 @@ def parse_hlo(text: str) -> dict:
                  "calls": calls.group(1) if calls else None,
                  "fusion_kind": kind.group(1) if kind else None,
                  "window": window.group(1) if window else None, "shape": shape,
-                 "target": target.group(1) if target else None, "computation": computation}
+                 "target": target.group(1) if target else None, "computation": computation,
+                 "inner": None}
     if op_name and computation not in metadata_of:
       metadata_of[computation] = op_name.group(1)
-    ops[name]["inner"] = None
   # A fusion without metadata takes its computation's; remember what it wraps.
   roots = collections.defaultdict(list)
   for name, op in ops.items():
@@ -84,7 +84,7 @@ def parse_hlo(text: str) -> dict:
         if code in inner_codes:
           op["inner"] = code
           break
-      if op["inner"] in ("convolution",):
+      if op["inner"] == "convolution":
         op["window"] = next((o["window"] for o in inner if o["window"]), None)
   return ops
 
@@ -128,17 +128,13 @@ def kind_of(op: dict) -> str:
 
 
 def trace_step(built: dict, steps: int, warmup: int) -> list[dict]:
-  holder = {"state": built["state"]}
-
-  def step():
-    holder["state"], metrics = built["compiled"](holder["state"], built["batch"])
-    return jax.block_until_ready(metrics)
+  step = ts.stepper(built)
   for _ in range(max(warmup, 1)):
-    step()
+    jax.block_until_ready(step())
   logdir = tempfile.mkdtemp(prefix="usss_profile_")
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     for _ in range(steps):
-      step()
+      jax.block_until_ready(step())
   path = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
   with gzip.open(path) as f:
     data = json.load(f)

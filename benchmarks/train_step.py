@@ -286,19 +286,24 @@ def setup_of(args, built: dict) -> dict:
   }
 
 
-def run(args) -> dict:
-  built = build(args)
-  names, spec, batch = built["names"], built["spec"], built["batch"]
-  # The compiled executable donates its state argument: thread the state through.
+def stepper(built: dict):
+  """`step() -> (state, metrics)`: one step of `build`'s compiled step on its batch. The
+  executable donates its state argument, so each call passes on the state the last returned."""
   holder = {"state": built["state"]}
 
   def step():
-    holder["state"], metrics = built["compiled"](holder["state"], batch)
+    holder["state"], metrics = built["compiled"](holder["state"], built["batch"])
     return holder["state"], metrics
+  return step
 
+
+def run(args) -> dict:
+  built = build(args)
+  names, spec, batch = built["names"], built["spec"], built["batch"]
+  step = stepper(built)
   workdir = tempfile.mkdtemp(prefix="usss_train_step_")
   if args.compare_torch:  # before the first step: it donates (deletes) the initial state
-    inputs = torch_inputs(os.path.join(workdir, "inputs.npz"), holder["state"], batch, names,
+    inputs = torch_inputs(os.path.join(workdir, "inputs.npz"), built["state"], batch, names,
                           built["config"])
   first_start = time.perf_counter()
   first_metrics = jax.device_get(jax.block_until_ready(step())[1])

@@ -18,13 +18,10 @@ import warnings
 # Must happen before JAX initialises its backend.
 # The tests check wiring and numerics on tiny models, where XLA's compile time dominates:
 # backend optimisation level 0 compiles about 1.5x faster (runs here take the default).
-_FLAGS = os.environ.get("XLA_FLAGS", "")
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
-  if _flag.split("=")[0] not in _FLAGS:
-    _FLAGS += " " + _flag
-os.environ["XLA_FLAGS"] = _FLAGS.strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when jax is imported
 from usss_jax import cli  # noqa: E402  (imports jax, not its backend)
+cli.add_xla_flags(("--xla_force_host_platform_device_count=8",
+                   "--xla_backend_optimization_level=0"))
 cli.default_xla_flags()  # the entry points' own XLA options: the suite runs what users run
 
 import dataclasses  # noqa: E402

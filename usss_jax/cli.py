@@ -43,16 +43,21 @@ _CONFIG_LOAD_FAILURE = "Failed loading config file"
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 
 
-def default_xla_flags() -> None:
-  """Adds DEFAULT_XLA_FLAGS to $XLA_FLAGS (a flag the user set there wins); call it before jax
-  initialises its backend. The entry points do; child processes inherit it."""
-  if os.environ.get("USSS_XLA_DEFAULTS", "on") == "off":
-    return
+def add_xla_flags(flags_to_add: Sequence[str]) -> None:
+  """Appends each `--option=value` to $XLA_FLAGS unless the option is set there already (what
+  is set wins); only takes effect before jax initialises its backend."""
   current = os.environ.get("XLA_FLAGS", "")
-  for flag in DEFAULT_XLA_FLAGS:
+  for flag in flags_to_add:
     if flag.split("=")[0] + "=" not in current:
       current += " " + flag
   os.environ["XLA_FLAGS"] = current.strip()
+
+
+def default_xla_flags() -> None:
+  """Adds DEFAULT_XLA_FLAGS to $XLA_FLAGS (add_xla_flags) unless USSS_XLA_DEFAULTS=off. The entry
+  points call it first; child processes inherit it."""
+  if os.environ.get("USSS_XLA_DEFAULTS", "on") != "off":
+    add_xla_flags(DEFAULT_XLA_FLAGS)
 
 
 def traceback_requested(argv: Sequence[str]) -> bool:
