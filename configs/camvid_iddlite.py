@@ -2,6 +2,14 @@
 
   python launch.py --config=configs/camvid_iddlite.py --workdir=runs/ci
   python launch.py --config=configs/camvid_iddlite.py:validation --workdir=runs/ci_val
+  python -m usss_jax.ablation --config=configs/camvid_iddlite.py --workdir=runs/study \
+      --seeds=0 --methods=single,basic,consistency --recommended=consistency
+
+The defaults are the reported recipe (docs/RESULTS.md), 3000 steps of training in all: 1000
+steps of self-supervised pretraining on the unlabeled images, a 1500-step supervised warm start,
+then 1500 steps of consistency (config_lib.recommended_recipe). The ablation trains the
+supervised methods (single, basic) for the same 3000 steps, from scratch: they use no
+unlabeled image.
 
 Reported evaluation: CamVid test and IDD-Lite val. With the argument "validation" the runs
 evaluate on validation data instead (CamVid val, and 200 IDD-Lite training images held out of
@@ -33,10 +41,10 @@ def get_config(arg: str | None = None):
   c.learning_rate = 0.02
   c.labeled_batch = 4
   c.unlabeled_batch = 4
-  c.total_steps = 400
+  config_lib.recommended_recipe(c, length=3000)
   c.label_embeddings.pretrain_steps = 400  # the ablation reuses its single-source runs instead
   c.log_every = 50
-  c.eval_every = 400   # final model only: nothing is selected on the evaluation splits
-  c.checkpoint_every = 200
+  c.eval_every = 3000  # the final model only: nothing is selected on the evaluation splits
+  c.checkpoint_every = 250
   c.eval_batch = 8
   return c

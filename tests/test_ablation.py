@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_demo_config
 from usss_jax import ablation
+from usss_jax import config as config_lib
 from usss_jax.label_embeddings import store
 
 
@@ -38,6 +39,36 @@ def test_ablation_single_and_full(demo_root, tmp_path):
   again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
   assert again["results"] == out["results"]
   assert os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_the_recommended_recipe_runs_its_stages_and_the_supervised_rows_skip_them(
+    demo_root, tmp_path):
+  config = config_lib.recommended_recipe(tiny_demo_config(demo_root), length=6)
+  config.self_supervised.batch_per_domain = 2
+  assert (config.self_supervised.steps, config.warm_start.steps, config.total_steps,
+          config.consistency.ema_decay_rampup) == (2, 3, 3, 3)
+  out = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["basic", "consistency"],
+                              recommended="consistency")
+  assert out["results"]["recommended"] == "consistency"
+  seed_dir = tmp_path / "seed0"
+  # basic: the whole length on the labeled images, from scratch (no stage, no starting weights).
+  basic = json.load(open(seed_dir / "basic" / "config.json"))
+  assert (basic["total_steps"], basic["warm_start"]["steps"], basic["self_supervised"]["steps"],
+          basic["pretrained"], basic["init_from"]) == (6, 0, 0, "", "")
+  assert not (seed_dir / "basic" / "self_supervised").exists()
+  assert not (seed_dir / "basic" / "warm_start").exists()
+  # consistency: the encoder pretrained on the unlabeled images, the warm start from it, then
+  # the semi-supervised run from the warm start's model.
+  stage = seed_dir / "consistency"
+  assert json.load(open(stage / "self_supervised" / "pretrain.json"))["options"]["steps"] == 2
+  warm = json.load(open(stage / "warm_start" / "config.json"))
+  assert (warm["method"], warm["total_steps"]) == ("basic", 3)
+  assert warm["pretrained"] == str(stage / "self_supervised" / "encoder.npz")
+  run = json.load(open(stage / "config.json"))
+  assert (run["method"], run["total_steps"], run["init_from"]) == (
+      "consistency", 3, str(stage / "warm_start"))
+  assert json.load(open(stage / "final_eval.json"))["steps"] == 3
 
 
 def test_paired_differences_and_interval_by_hand():

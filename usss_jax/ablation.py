@@ -65,13 +65,15 @@ def uses_label_embeddings(method: str) -> bool:
 
 
 def _run_config(config, method: str, seed: int, **overrides) -> ml_collections.ConfigDict:
-  """The config of one run. Supervised methods (single, basic) train for the semi-supervised
-  runs' whole length: their warm start's steps are added to their own."""
+  """The config of one run. Supervised methods (single, basic) use no unlabeled image: they
+  skip the self-supervised stage, and train for the semi-supervised runs' whole length (their
+  warm start's steps are added to their own) from the same starting weights otherwise."""
   c = copy.deepcopy(config)
   c.unlock()
   c.method = method
   c.seed = seed
-  if not objectives.method_spec(c).uses_unlabeled and c.warm_start.steps > 0:
+  if not objectives.method_spec(c).uses_unlabeled:
+    c.self_supervised.steps = 0
     c.total_steps = int(c.total_steps) + int(c.warm_start.steps)
     c.warm_start.steps = 0
   for k, v in overrides.items():

@@ -119,12 +119,41 @@ def domain(dataset: str, root: str, *, crop, train_split="train", eval_split="va
       holdout=holdout, options=ml_collections.ConfigDict(options)))
 
 
-# Variants a paper config takes after its name ("configs/cs_sun.py:consistency").
+def recommended_recipe(c: ml_collections.ConfigDict, length: int) -> ml_collections.ConfigDict:
+  """Sets `c` to the recommended semi-supervised recipe (docs/RESULTS.md; chosen on validation
+  data), `length` supervised + semi-supervised steps in all.
+
+  The shared encoder is first pretrained on the unlabeled images (dense contrastive, length / 3
+  steps), then trained on the labeled images alone (the warm start, length / 2), then with
+  weak-to-strong consistency for the other half: an EMA teacher with BN on the weak batch whose
+  decay ramps from 0.99 to 0.999 over that half, pseudo-labels aligned to the labeled class
+  frequencies, FreeMatch's self-adaptive class-wise thresholds. The proportions are those
+  validated on configs/camvid_iddlite.py (length 3000).
+  """
+  half = length // 2
+  c.method = "consistency"
+  c.self_supervised.steps = length // 3
+  c.warm_start.steps = half
+  c.total_steps = length - half
+  c.consistency.update(dict(
+      teacher="ema_train_bn", ema_decay_start=0.99, ema_decay=0.999, ema_decay_rampup=length - half,
+      distribution_alignment=True, threshold_rule="freematch", class_stats_momentum=0.99))
+  return c
+
+
+# Variants a paper config takes after its name ("configs/cs_sun.py:recommended"): each changes
+# the method only, over the paper config's own number of steps.
 PAPER_VARIANTS = {
-    # The recommended method of docs/RESULTS.md (chosen on validation data): weak-to-strong
-    # consistency per domain, threshold 0.95, the student as its own teacher.
-    "consistency": dict(method="consistency"),
+    "recommended": lambda c: recommended_recipe(c, int(c.total_steps)),
+    "consistency": lambda c: _plain_consistency(c),
 }
+
+
+def _plain_consistency(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Weak-to-strong consistency from scratch (FixMatch-style: threshold 0.95, the student as its
+  own teacher): the first round's choice."""
+  c.method = "consistency"
+  return c
 
 
 def paper_variant(c: ml_collections.ConfigDict, arg: str | None,
@@ -135,8 +164,7 @@ def paper_variant(c: ml_collections.ConfigDict, arg: str | None,
   if arg not in PAPER_VARIANTS:
     raise ValueError(f"{config_file}: unknown variant {arg!r}; choose from "
                      f"{sorted(PAPER_VARIANTS)} or none")
-  c.update(PAPER_VARIANTS[arg])
-  return c
+  return PAPER_VARIANTS[arg](c)
 
 
 def base_config() -> ml_collections.ConfigDict:
