@@ -6,6 +6,11 @@ import copy
 import json
 import os
 import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from usss_jax.data import registry, splits, strong_augment, transforms
 from usss_jax.domains import build_domains
 from usss_jax.self_supervised import data as data_lib
 from usss_jax.self_supervised import dense_contrastive as dc
+from usss_jax.self_supervised import pretrain
 from usss_jax.self_supervised import views
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -236,6 +242,80 @@ def test_cli_writes_an_encoder_the_segmenter_loads(demo_root, tmp_path):
   assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in lines)
   assert json.load(open(workdir / "pretrain.json"))["options"]["max_shift_cells"] == [2, 3]
   _assert_loads_into_the_segmenter(tiny_demo_config(demo_root), workdir / "encoder.npz")
+
+
+def _pretrain(config, workdir):
+  return pretrain.pretrain(config, str(workdir), pretrain.PretrainOptions.from_config(config),
+                           build_domains(config, str(workdir)), log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_an_interrupted_pretraining_resumes_to_the_same_encoder(demo_root, tmp_path, monkeypatch):
+  config = tiny_demo_config(demo_root, checkpoint_every=2, **{
+      "self_supervised.steps": 6, "self_supervised.batch_per_domain": 2,
+      "self_supervised.log_every": 1, "self_supervised.max_shift_cells": (2, 3)})
+  whole = _pretrain(config, tmp_path / "whole")
+  # The data thread fails making the 6th batch, two batches ahead of the last checkpoint (4).
+  make_batch, made = data_lib.ViewPairStream.make_batch, []
+  def failing(self):
+    made.append(1)
+    if len(made) == 6:
+      raise OSError("disk gone")
+    return make_batch(self)
+  monkeypatch.setattr(data_lib.ViewPairStream, "make_batch", failing)
+  with pytest.raises(OSError, match="disk gone"):
+    _pretrain(config, tmp_path / "cut")
+  assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["4"]
+  assert not (tmp_path / "cut" / "encoder.npz").exists()
+  monkeypatch.setattr(data_lib.ViewPairStream, "make_batch", make_batch)
+  resumed = _pretrain(config, tmp_path / "cut")
+  a, b = np.load(whole["encoder"]), np.load(resumed["encoder"])
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  lines = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+  reference = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+  assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]  # step 5 once, from the resumed run
+  assert [r["loss"] for r in lines] == [r["loss"] for r in reference]
+  # Resuming with other options is one error naming the record and the fix.
+  other = copy.deepcopy(config)
+  other.self_supervised.steps = 8
+  (tmp_path / "cut" / "encoder.npz").unlink()
+  with pytest.raises(ValueError, match=r"pretrain\.json: the checkpoint at step 4 was pretrained "
+                     r"with other options .* remove"):
+    _pretrain(other, tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_pretraining_with_a_checkpoint_and_the_command_resumes(
+    demo_root, tmp_path):
+  workdir = tmp_path / "ssl"
+  args = [f"--config={ROOT}/configs/demo.py", f"--workdir={workdir}", *demo_overrides(demo_root),
+          "--config.self_supervised.steps=400", "--config.self_supervised.batch_per_domain=2",
+          "--config.self_supervised.log_every=1", "--config.checkpoint_every=1000",
+          "--config.self_supervised.max_shift_cells=(2, 3)"]
+  process = subprocess.Popen([sys.executable, "-m", "usss_jax.self_supervised", *args],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not ((workdir / "metrics.jsonl").exists() and
+             len(open(workdir / "metrics.jsonl").read().splitlines()) >= 3):
+    if process.poll() is not None or time.time() > deadline:
+      process.kill()
+      pytest.fail("the pretraining ended or hung before its third step:\n" +
+                  process.communicate()[0][-3000:])
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output[-3000:]
+  step = int(re.search(r"stopped by SIGTERM at step (\d+)", output).group(1))
+  assert 3 <= step < 400 and os.listdir(workdir / "checkpoints") == [str(step)]
+  assert not (workdir / "encoder.npz").exists()
+  done = run_cli(*args, module="usss_jax.self_supervised", timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"resuming the pretraining at step {step}" in done.stderr
+  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+  assert steps == list(range(1, 401))
+  assert (workdir / "encoder.npz").exists()
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ images of every domain, labels unread (`usss_jax.self_supervised.pretrain`), in
 `<workdir>/self_supervised/`, then starts from that encoder (`config.pretrained`); every
 method can use it, and the warm start and the label embeddings come after it. The stage is
 cached: a finished pretraining (its `encoder.npz`) is reused on resume if its options equal the
-config's; an interrupted one starts again.
+config's; an interrupted one resumes from its last checkpoint (every `checkpoint_every` steps,
+and on SIGTERM).
 """
 
 from __future__ import annotations

@@ -7,15 +7,20 @@
 Writes <workdir>/encoder.npz (train with --config.pretrained=<workdir>/encoder.npz),
 <workdir>/metrics.jsonl, <workdir>/pretrain.json and the run's splits (<workdir>/splits). A
 training run with `--config.self_supervised.steps=N` does the same in <workdir>/self_supervised.
+SIGTERM / SIGINT stop it with a checkpoint; the same command resumes it (checkpoints are also
+saved every `config.checkpoint_every` steps).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from usss_jax import cli
+from usss_jax import workdir as workdir_lib
 from usss_jax.domains import build_domains
 from usss_jax.self_supervised import pretrain
 
@@ -37,7 +42,11 @@ def main(argv):
     options = pretrain.PretrainOptions.from_config(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  pretrain.pretrain(config, _WORKDIR.value, options, build_domains(config, _WORKDIR.value))
+  try:
+    with workdir_lib.RunGuard(_WORKDIR.value):
+      pretrain.pretrain(config, _WORKDIR.value, options, build_domains(config, _WORKDIR.value))
+  except workdir_lib.Stopped as stopped:  # a requested stop is a success; rerun to continue
+    print(stopped, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class ViewPairStream:
   Each domain's images are visited in shuffled epochs (every image equally often).
   Yields {domain: {"view_1": [B, h, w, 3] float32, "view_2": [B, h, w, 3] float32 (normalised
   as the segmentation training input), "offsets": [B, 2] int32 (dy, dx)}}, B = batch_per_domain.
+  `get_state()` is the position after the last batch yielded (the prefetch thread runs ahead,
+  so each batch carries the position it leaves); `set_state` before iterating resumes there.
   """
 
   def __init__(self, domains: Sequence[UnlabeledDomain], batch_per_domain: int, seed: int, *,
@@ -94,6 +96,7 @@ class ViewPairStream:
     self._queue: queue.Queue | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._yielded = self._position()
 
   def decoded(self, domain: UnlabeledDomain, example: Example) -> np.ndarray:
     """[H, W, 3] uint8 image of `example` after the domain's resize (cached)."""
@@ -114,6 +117,27 @@ class ViewPairStream:
     self._order[domain.name] = order[self.batch_per_domain:]
     return order[:self.batch_per_domain]
 
+  def _position(self) -> dict:
+    """The generator's state and the rest of each domain's epoch: what the next batch draws."""
+    return {"rng": self._rng.bit_generator.state,
+            "order": {name: order.tolist() for name, order in self._order.items()}}
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position after the last batch yielded."""
+    return self._yielded
+
+  def set_state(self, state: dict) -> None:
+    """Resumes at a position of `get_state()` (call before iterating)."""
+    if set(state["order"]) != set(self._order):
+      raise ValueError(f"the saved stream has domains {sorted(state['order'])}, this one "
+                       f"{sorted(self._order)}")
+    self._rng.bit_generator.state = state["rng"]
+    self._order = {name: np.asarray(order, np.int64) for name, order in state["order"].items()}
+    self._yielded = self._position()
+
+  def _batch_and_position(self) -> tuple[dict, dict]:
+    return self.make_batch(), self._position()
+
   def make_batch(self) -> dict[str, dict[str, np.ndarray]]:
     """The next batch (draws from the stream's generator; not thread-safe)."""
     batch = {}
@@ -132,7 +156,7 @@ class ViewPairStream:
   def _produce(self) -> None:
     try:
       while not self._stop.is_set():
-        item = self.make_batch()
+        item = self._batch_and_position()
         while not self._stop.is_set():
           try:
             self._queue.put(item, timeout=0.1)
@@ -145,7 +169,8 @@ class ViewPairStream:
   def __iter__(self) -> Iterator[dict[str, dict[str, np.ndarray]]]:
     if self._prefetch <= 0:
       while True:
-        yield self.make_batch()
+        batch, self._yielded = self._batch_and_position()
+        yield batch
     self._queue = queue.Queue(maxsize=self._prefetch)
     self._thread = threading.Thread(target=self._produce, name="view-pairs", daemon=True)
     self._thread.start()
@@ -154,7 +179,8 @@ class ViewPairStream:
         item = self._queue.get()
         if isinstance(item, BaseException):
           raise item
-        yield item
+        batch, self._yielded = item
+        yield batch
     finally:
       self.close()
 

@@ -36,14 +36,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from usss_jax import convert, files
+from usss_jax import checkpoint as ckpt_lib
+from usss_jax import convert, files, metric_writers
 from usss_jax import domains as domains_lib
 from usss_jax import state as state_lib
+from usss_jax import workdir as workdir_lib
 from usss_jax.models import drn
 from usss_jax.self_supervised import data as data_lib
 from usss_jax.self_supervised import dense_contrastive
 
 ENCODER_FILE = "encoder.npz"
+CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -216,7 +219,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
   """Runs the pretraining; writes encoder.npz, metrics.jsonl and pretrain.json in `workdir`.
 
   `domains` are the run's (`domains.build_domains`); their labeled and unlabeled pools are the
-  images (labels unread). Not resumable: an interrupted pretraining starts again.
+  images (labels unread). Every `config.checkpoint_every` steps the state and the data stream's
+  position are saved in `workdir/checkpoints`; an interrupted pretraining with the same options
+  resumes from there to the same encoder as an uninterrupted one.
 
   Returns:
     {"encoder": path of encoder.npz, "metrics": the last logged metrics,
@@ -228,9 +233,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
                                        scale_range=options.scale_range)
   images = {d.name: len(d.examples) for d in domains}
   log(f"pretraining on {images} unlabeled training images (hold-outs excluded)")
-  files.write_json(os.path.join(workdir, "pretrain.json"),
-                   {"options": jsonable(options), "images": images,
-                    "config": json.loads(config.to_json())})
+  record_path = os.path.join(workdir, "pretrain.json")
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=1,
+                                       keep_best=False)
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    recorded = files.read_json(record_path, "pretraining record").get("options")
+    if recorded != jsonable(options):
+      raise ValueError(f"{record_path}: the checkpoint at step {resume_step} was pretrained with "
+                       f"other options ({recorded}); restore them, or remove {workdir} to "
+                       "pretrain again")
+  files.write_json(record_path, {"options": jsonable(options), "images": images,
+                                 "config": json.loads(config.to_json())})
   model = make_model(config, options)
   tx, schedule = make_optimizer(options)
   state = init_state(model, tx, options.seed, domains[0].view_config.crop_hw)
@@ -238,13 +252,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
                               options.exclude_radius), donate_argnums=(0,))
   stream = data_lib.ViewPairStream(domains, options.batch_per_domain, options.seed,
                                    normalization=config.normalization)
+  if resume_step is not None:
+    state, extra = checkpointer.restore(state)
+    stream.set_state(extra["stream"])
+    log(f"resuming the pretraining at step {resume_step}")
+  first = 1 if resume_step is None else resume_step + 1
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  last: dict[str, float] = {}
+  kept = ([r for r in metric_writers.read_records(metrics_path) if r["step"] <= first - 1]
+          if resume_step is not None and os.path.exists(metrics_path) else [])
+  last: dict[str, float] = kept[-1] if kept else {}
   with open(metrics_path, "w", encoding="utf-8") as metrics_file:
+    metrics_file.writelines(json.dumps(r) + "\n" for r in kept)  # drops replayed steps' lines
     batches = iter(stream)
     try:
-      for step in range(1, options.steps + 1):
+      for step in range(first, options.steps + 1):
         state, metrics = step_fn(state, next(batches))
+        workdir_lib.note_training_step()  # a later failure keeps the workdir
         if step % options.log_every == 0 or step == options.steps:
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           if not np.isfinite(values["loss"]):
@@ -255,8 +278,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
           metrics_file.flush()
           log(f"step {step}: loss {values['loss']:.4f} accuracy {values['accuracy']:.3f} "
               f"positive cos {values['positive_similarity']:.3f}")
+        stop = workdir_lib.stop_requested()  # SIGTERM / SIGINT: a checkpoint, then Stopped
+        if stop or (step % config.checkpoint_every == 0 and step < options.steps):
+          checkpointer.save(step, state, extra={"stream": stream.get_state()})
+        if stop:
+          raise workdir_lib.Stopped(step, stop)
     finally:
       batches.close()
+      checkpointer.close()
   path = os.path.join(workdir, ENCODER_FILE)
   # Written last and atomically: its presence means a finished pretraining (the stage's cache).
   with files.atomic_write(path, "wb") as f:
