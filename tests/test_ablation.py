@@ -69,6 +69,37 @@ def test_the_recommended_recipe_runs_its_stages_and_the_supervised_rows_skip_the
   assert (run["method"], run["total_steps"], run["init_from"]) == (
       "consistency", 3, str(stage / "warm_start"))
   assert json.load(open(stage / "final_eval.json"))["steps"] == 3
+  md = open(tmp_path / "results.md").read()
+  assert "## consistency, street: class shares of the confident pseudo-labels (%)" in md
+  assert "## basic, street: class shares" not in md
+
+
+def test_pseudo_label_share_table_averages_seeds_at_steps_spread_over_training(tmp_path):
+  shares = {0: {10: [0.5, 0.5, 0.0], 20: [0.6, 0.3, 0.1], 30: [0.4, 0.4, 0.2]},
+            1: {10: [0.7, 0.3, 0.0], 20: [0.2, 0.5, 0.3], 30: [0.2, 0.2, 0.6]}}
+  for seed, by_step in shares.items():
+    run = tmp_path / f"seed{seed}" / "consistency"
+    run.mkdir(parents=True)
+    with open(run / "metrics.jsonl", "w") as f:
+      f.write(json.dumps({"step": 0, "kind": "eval", "mean_miou": 0.1}) + "\n")
+      for step, values in by_step.items():
+        record = {"step": step, "kind": "train", "loss": 1.0}
+        record.update({f"pseudo_label_share/a/{c}": v for c, v in enumerate(values)})
+        record.update({f"labeled_share/a/{c}": (0.2, 0.3, 0.5)[c] for c in range(3)})
+        f.write(json.dumps(record) + "\n")
+    (tmp_path / f"seed{seed}" / "basic").mkdir()
+    with open(tmp_path / f"seed{seed}" / "basic" / "metrics.jsonl", "w") as f:
+      f.write(json.dumps({"step": 10, "kind": "train", "loss": 1.0}) + "\n")
+  md = ablation.pseudo_label_share_table(str(tmp_path), ["a"], {"a": ["road", "sky", "car"]},
+                                         points=3)
+  lines = md.splitlines()
+  assert lines[0] == ("## consistency, a: class shares of the confident pseudo-labels (%), "
+                      "mean over 2 seeds")
+  assert lines[2:] == ["| | road | sky | car |", "|---|---|---|---|",
+                       "| step 10 | 60.0 | 40.0 | 0.0 |", "| step 20 | 40.0 | 40.0 | 20.0 |",
+                       "| step 30 | 30.0 | 30.0 | 40.0 |", "| labeled pixels | 20.0 | 30.0 | 50.0 |"]
+  assert "basic" not in md
+  assert ablation.pseudo_label_share_table(str(tmp_path), ["b"], {}) == ""
 
 
 def test_paired_differences_and_interval_by_hand():

@@ -288,12 +288,66 @@ def write_tables(workdir: str, results: dict, details: dict, names: Sequence[str
     return
   files.write_json(os.path.join(workdir, "results.json"), results)
   files.write_json(os.path.join(workdir, "results_details.json"), details)
-  files.write_text(os.path.join(workdir, "results.md"), markdown_table(results, details, names))
+  shares = pseudo_label_share_table(workdir, names, details.get("classes", {}))
+  files.write_text(os.path.join(workdir, "results.md"),
+                   markdown_table(results, details, names) + ("\n" + shares if shares else ""))
   plots.plot_method_bars(_per_seed(results), names, _row_order(results),
                          os.path.join(workdir, "results.png"))
   curves = unsupervised_curves(workdir)
   if curves:
     plots.plot_unsupervised_terms(curves, os.path.join(workdir, "unsupervised_terms.png"))
+
+
+def _train_records(workdir: str) -> dict[str, list[list[dict]]]:
+  """{run name: [the train records of its metrics.jsonl, per seed]} of an ablation directory."""
+  runs: dict = {}
+  for seed_dir in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+    if not seed_dir.startswith("seed"):
+      continue
+    for method in sorted(os.listdir(os.path.join(workdir, seed_dir))):
+      path = os.path.join(workdir, seed_dir, method, "metrics.jsonl")
+      if os.path.exists(path):
+        runs.setdefault(method, []).append(
+            [r for r in metric_writers.read_records(path) if r.get("kind") == "train"])
+  return runs
+
+
+def pseudo_label_share_table(workdir: str, names: Sequence[str],
+                             classes: dict[str, list[str]], points: int = 4) -> str:
+  """Markdown: per method and domain, each class's share (%) of the confident pseudo-labels at
+  `points` steps spread over training (mean over seeds), and of the labeled pixels; "" if no
+  run logs them (`pseudo_label_share/<domain>/<class>`, written by consistency)."""
+  out = []
+  for method, runs in _train_records(workdir).items():
+    for name in names:
+      prefix = f"pseudo_label_share/{name}/"
+      logged = [{r["step"]: r for r in records if any(k.startswith(prefix) for k in r)}
+                for records in runs]
+      logged = [by_step for by_step in logged if by_step]
+      if not logged:
+        continue
+      steps = sorted(set.intersection(*(set(by_step) for by_step in logged)))
+      if not steps:
+        continue
+      picked = sorted({steps[round(i * (len(steps) - 1) / max(points - 1, 1))]
+                       for i in range(points)})
+      ids = sorted({int(k[len(prefix):]) for by_step in logged for k in by_step[steps[-1]]
+                    if k.startswith(prefix)})
+      labels = classes.get(name) or [str(i) for i in ids]
+
+      def mean_share(key: str, step: int) -> str:
+        values = [by_step[step].get(key) for by_step in logged]
+        values = [v for v in values if v is not None]
+        return f"{100 * np.mean(values):.1f}" if values else "-"
+      rows = [f"| step {step} | " + " | ".join(mean_share(f"{prefix}{i}", step) for i in ids) +
+              " |" for step in picked]
+      rows.append("| labeled pixels | " + " | ".join(
+          mean_share(f"labeled_share/{name}/{i}", steps[-1]) for i in ids) + " |")
+      out += [f"## {method}, {name}: class shares of the confident pseudo-labels (%), mean over "
+              f"{len(logged)} seeds", "",
+              "| | " + " | ".join(labels[i] if i < len(labels) else str(i) for i in ids) + " |",
+              "|---|" + "---|" * len(ids), *rows, ""]
+  return "\n".join(out)
 
 
 # Logged per domain by the terms (usss_jax.objectives): what shows a collapse.
@@ -307,14 +361,8 @@ def unsupervised_curves(workdir: str) -> dict:
   """{method: {term: (steps, values)}}: the unsupervised diagnostics over training, averaged
   over domains and seeds, read from every run's metrics.jsonl."""
   by_method: dict = {}
-  for seed_dir in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-    if not seed_dir.startswith("seed"):
-      continue
-    for method in sorted(os.listdir(os.path.join(workdir, seed_dir))):
-      path = os.path.join(workdir, seed_dir, method, "metrics.jsonl")
-      if not os.path.exists(path):
-        continue
-      records = [r for r in metric_writers.read_records(path) if r.get("kind") == "train"]
+  for method, runs in _train_records(workdir).items():
+    for records in runs:
       for term in UNSUPERVISED_TERMS:
         prefix = term + "/"
         if not any(k.startswith(prefix) for r in records for k in r) and term in _OLD_NAMES:
