@@ -72,6 +72,19 @@ def test_the_recommended_recipe_runs_its_stages_and_the_supervised_rows_skip_the
   md = open(tmp_path / "results.md").read()
   assert "## consistency, street: class shares of the confident pseudo-labels (%)" in md
   assert "## basic, street: class shares" not in md
+  # The encoder's share: basic for the whole length from the same encoder, copied, not redone.
+  again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["basic", "consistency"],
+                                basic_from_encoder=True)
+  row = seed_dir / "basic_from_encoder"
+  np.testing.assert_array_equal(
+      np.load(row / "self_supervised" / "encoder.npz")["layer0.0.weight"],
+      np.load(stage / "self_supervised" / "encoder.npz")["layer0.0.weight"])
+  assert not (row / "self_supervised" / "checkpoints").exists()
+  ran = json.load(open(row / "config.json"))
+  assert (ran["method"], ran["total_steps"], ran["warm_start"]["steps"], ran["pretrained"]) == (
+      "basic", 6, 0, str(row / "self_supervised" / "encoder.npz"))
+  assert set(again["results"]["basic_from_encoder"]["0"]) == {"street", "indoor"}
+  assert again["results"]["basic"] == out["results"]["basic"]
 
 
 def test_pseudo_label_share_table_averages_seeds_at_steps_spread_over_training(tmp_path):

@@ -41,11 +41,13 @@ from ml_collections import config_flags
 from scipy import stats
 
 from usss_jax import cli, evaluate, files, label_embedding_stage, metric_writers, modes, objectives
+from usss_jax import self_supervised_stage
 from usss_jax import config as config_lib
 from usss_jax import state as state_lib
 from usss_jax import workdir as workdir_lib
 from usss_jax.analysis import plots
 from usss_jax.data import registry
+from usss_jax.self_supervised import pretrain
 
 METHOD_ORDER = tuple(objectives.METHODS)
 # One line per method for --help (the README's table of methods says more).
@@ -130,14 +132,31 @@ def _embeddings_from_single(config, workdir: str, source: str, out_path: str) ->
   computed.save(out_path)
 
 
+def _reuse_encoder(seed_dir: str, methods: Sequence[str], run_dir: str) -> None:
+  """Copies the self-supervised stage of the seed's first semi-supervised run that has a
+  finished one into `run_dir`, where the stage then reuses it (same options) instead of
+  pretraining again."""
+  target = self_supervised_stage.self_supervised_dir(run_dir)
+  if os.path.exists(target):
+    return
+  for method in methods:
+    source = self_supervised_stage.self_supervised_dir(os.path.join(seed_dir, method))
+    if os.path.exists(os.path.join(source, pretrain.ENCODER_FILE)):
+      shutil.copytree(source, target, ignore=shutil.ignore_patterns(pretrain.CHECKPOINT_DIR))
+      return
+
+
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
                  methods: Sequence[str] = METHOD_ORDER, recommended: str | None = None,
-                 upper_labeled: int = 0) -> dict:
+                 upper_labeled: int = 0, basic_from_encoder: bool = False) -> dict:
   """Runs every (method, seed); returns {"results": ..., "details": ...}.
 
   Args:
     recommended: the method the experiment recommends (chosen beforehand on validation
       data); recorded as results["recommended"].
+    basic_from_encoder: also "basic_from_encoder", basic for the whole length from the
+      self-supervised encoder of the seed's semi-supervised run (the same weights, copied): what
+      the encoder alone gives, apart from the unlabeled terms.
     upper_labeled: > 0: also "basic_<N>_labeled", basic with N labeled images per domain (the
       upper reference: what more labels would give).
   """
@@ -185,6 +204,15 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
       summary = _train(cfg, run_dir)
       details["runs"][f"seed{seed}/{method}"] = summary
       results[method][str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+    if basic_from_encoder:
+      name = "basic_from_encoder"
+      run_dir = os.path.join(seed_dir, name)
+      cfg = _run_config(config, "basic", seed)
+      cfg.self_supervised.steps = config.self_supervised.steps
+      _reuse_encoder(seed_dir, methods, run_dir)
+      summary = _train(cfg, run_dir)
+      details["runs"][f"seed{seed}/{name}"] = summary
+      results.setdefault(name, {})[str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
     if upper_labeled > 0:
       name = f"basic_{upper_labeled}_labeled"
       summary = _train(_run_config(config, "basic", seed, num_labeled=upper_labeled),
@@ -395,13 +423,17 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (integers); each see
 _RECOMMENDED = flags.DEFINE_string("recommended", None, "The method this experiment recommends "
                                    "(chosen on validation data); recorded in results.json.")
 _METHODS = flags.DEFINE_list("methods", list(METHOD_ORDER), "Methods to run (listed above).")
+_FROM_ENCODER = flags.DEFINE_bool(
+    "basic_from_encoder", False, "Also basic from the self-supervised encoder of each seed's "
+    "semi-supervised run, for the whole length (row basic_from_encoder: the encoder's share).")
 _UPPER = flags.DEFINE_integer("upper_labeled", 0, "Also basic with this many labeled images per "
                               "domain (the upper reference row), 0 = not.")
 cli.define_data_root_flag()
 
 
 def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequence[str],
-                recommended: str | None, upper_labeled: int = 0) -> list[int]:
+                recommended: str | None, upper_labeled: int = 0,
+                basic_from_encoder: bool = False) -> list[int]:
   """Every flag checked before the first run: the integer seeds."""
   if config is None:
     raise app.UsageError("--config is required")
@@ -422,6 +454,9 @@ def check_flags(config, workdir: str | None, seeds: Sequence[str], methods: Sequ
                          ) from None
   if not parsed:
     raise app.UsageError("--seeds is empty: name at least one seed")
+  if basic_from_encoder and int(config.self_supervised.steps) <= 0:
+    raise app.UsageError("--basic_from_encoder: the config pretrains no encoder; set "
+                         "--config.self_supervised.steps to the pretraining's length")
   if upper_labeled < 0:
     raise app.UsageError(f"--upper_labeled={upper_labeled}: expected a number of labeled images "
                          "per domain, or 0 for no upper reference row")
@@ -435,11 +470,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   seeds = check_flags(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _METHODS.value,
-                      _RECOMMENDED.value, _UPPER.value)
+                      _RECOMMENDED.value, _UPPER.value, _FROM_ENCODER.value)
   cli.setup_logging()
   try:
     out = run_ablation(_CONFIG.value, _WORKDIR.value, seeds, _METHODS.value,
-                       recommended=_RECOMMENDED.value, upper_labeled=_UPPER.value)
+                       recommended=_RECOMMENDED.value, upper_labeled=_UPPER.value,
+                       basic_from_encoder=_FROM_ENCODER.value)
   except workdir_lib.Stopped as stopped:  # a requested stop is a success; rerun to continue
     print(stopped, file=sys.stderr)
     return
