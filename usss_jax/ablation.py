@@ -14,11 +14,14 @@ method of that seed):
               centroids, the paper's B.1) for the methods that use them, so they are
               computed once per seed and copied into those runs.
   every other method (by default all of METHOD_HELP): a universal run of that method.
+  Supervised rows (single, basic) skip the config's self-supervised stage and warm start and
+  train the semi-supervised runs' whole length instead; --basic_from_encoder adds basic from
+  the seed's own self-supervised encoder (row basic_from_encoder).
 Finished runs are skipped, so an interrupted ablation resumes where it stopped.
 Writes <workdir>/results.json (method -> seed -> domain -> mIoU), results_details.json,
 results.md (mean ± std over seeds, paired differences to basic, per-class IoU like the
-paper's Table 2), results.png (mIoU bars) and unsupervised_terms.png (the unsupervised
-diagnostics over training).
+paper's Table 2, the pseudo-label class shares over training), results.png (mIoU bars) and
+unsupervised_terms.png (the unsupervised diagnostics over training).
 """
 
 from __future__ import annotations
