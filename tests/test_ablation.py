@@ -9,6 +9,7 @@ import pytest
 from helpers import tiny_demo_config
 from usss_jax import ablation
 from usss_jax import config as config_lib
+from usss_jax.analysis import ablation_tables
 from usss_jax.label_embeddings import store
 
 
@@ -103,7 +104,7 @@ def test_pseudo_label_share_table_averages_seeds_at_steps_spread_over_training(t
     (tmp_path / f"seed{seed}" / "basic").mkdir()
     with open(tmp_path / f"seed{seed}" / "basic" / "metrics.jsonl", "w") as f:
       f.write(json.dumps({"step": 10, "kind": "train", "loss": 1.0}) + "\n")
-  md = ablation.pseudo_label_share_table(str(tmp_path), ["a"], {"a": ["road", "sky", "car"]},
+  md = ablation_tables.pseudo_label_share_table(str(tmp_path), ["a"], {"a": ["road", "sky", "car"]},
                                          points=3)
   lines = md.splitlines()
   assert lines[0] == ("## consistency, a: class shares of the confident pseudo-labels (%), "
@@ -112,7 +113,7 @@ def test_pseudo_label_share_table_averages_seeds_at_steps_spread_over_training(t
                        "| step 10 | 60.0 | 40.0 | 0.0 |", "| step 20 | 40.0 | 40.0 | 20.0 |",
                        "| step 30 | 30.0 | 30.0 | 40.0 |", "| labeled pixels | 20.0 | 30.0 | 50.0 |"]
   assert "basic" not in md
-  assert ablation.pseudo_label_share_table(str(tmp_path), ["b"], {}) == ""
+  assert ablation_tables.pseudo_label_share_table(str(tmp_path), ["b"], {}) == ""
 
 
 def test_paired_differences_and_interval_by_hand():
@@ -121,12 +122,12 @@ def test_paired_differences_and_interval_by_hand():
              "consistency": {"0": {"a": 0.36, "b": 0.44}, "1": {"a": 0.35, "b": 0.41},
                              "2": {"a": 0.33, "b": 0.47}},
              "recommended": "consistency"}
-  d = ablation.paired_differences(results, ["a", "b"])["consistency"]
+  d = ablation_tables.paired_differences(results, ["a", "b"])["consistency"]
   diffs = np.array([5.0, 3.0, 5.0])  # average of the two domains, in points
   np.testing.assert_allclose(list(d["per_seed"].values()), diffs, atol=1e-9)
   half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
   np.testing.assert_allclose([d["mean"], d["low"], d["high"]],
                              [diffs.mean(), diffs.mean() - half, diffs.mean() + half])
   assert d["positive"] == 3 and d["n"] == 3
-  md = ablation.markdown_table(results, {"runs": {}, "classes": {}}, ["a", "b"])
+  md = ablation_tables.markdown_table(results, {"runs": {}, "classes": {}}, ["a", "b"])
   assert "| consistency (recommended) |" in md and "| consistency | +4.3 |" in md

@@ -204,7 +204,7 @@ def plot_unsupervised_terms(curves: dict, path: str) -> str:
   """One panel per unsupervised diagnostic over training steps, one line per method.
 
   Args:
-    curves: {method: {term: (steps, values)}} (e.g. `ablation.unsupervised_curves`).
+    curves: {method: {term: (steps, values)}} (e.g. `ablation_tables.unsupervised_curves`).
   """
   terms = sorted({t for per_method in curves.values() for t in per_method})
   cols = min(3, len(terms))
