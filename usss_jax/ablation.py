@@ -176,6 +176,13 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
     details["classes"][name] = list(registry.get_reader(
         dc.dataset, dc.root, **dc.options.to_dict()).spec.classes)
   needs_embeddings = any(uses_label_embeddings(m) for m in methods)
+
+  def train_row(seed: int, row: str, cfg) -> None:
+    """Trains (or reads the cached result of) row `row`'s run of `seed`; records its numbers."""
+    summary = _train(cfg, os.path.join(workdir, f"seed{seed}", row))
+    details["runs"][f"seed{seed}/{row}"] = summary
+    results.setdefault(row, {})[str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed{seed}")
     emb_dir = os.path.join(seed_dir, "label_embeddings")
@@ -203,24 +210,15 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: Sequenc
           dst = os.path.join(target, f"{name}.npz")
           if not os.path.exists(dst):
             shutil.copyfile(os.path.join(emb_dir, f"{name}.npz"), dst)
-      summary = _train(cfg, run_dir)
-      details["runs"][f"seed{seed}/{method}"] = summary
-      results[method][str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+      train_row(seed, method, cfg)
     if basic_from_encoder:
-      name = "basic_from_encoder"
-      run_dir = os.path.join(seed_dir, name)
       cfg = _run_config(config, "basic", seed)
       cfg.self_supervised.steps = config.self_supervised.steps
-      _reuse_encoder(seed_dir, methods, run_dir)
-      summary = _train(cfg, run_dir)
-      details["runs"][f"seed{seed}/{name}"] = summary
-      results.setdefault(name, {})[str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+      _reuse_encoder(seed_dir, methods, os.path.join(seed_dir, "basic_from_encoder"))
+      train_row(seed, "basic_from_encoder", cfg)
     if upper_labeled > 0:
-      name = f"basic_{upper_labeled}_labeled"
-      summary = _train(_run_config(config, "basic", seed, num_labeled=upper_labeled),
-                       os.path.join(seed_dir, name))
-      details["runs"][f"seed{seed}/{name}"] = summary
-      results.setdefault(name, {})[str(seed)] = {n: summary["domains"][n]["miou"] for n in names}
+      train_row(seed, f"basic_{upper_labeled}_labeled",
+                _run_config(config, "basic", seed, num_labeled=upper_labeled))
     if recommended:
       results["recommended"] = recommended
     ablation_tables.write_tables(workdir, results, details, names)

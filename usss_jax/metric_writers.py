@@ -71,7 +71,7 @@ def read_records(path: str, offset: int = 0) -> list[dict]:
   return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
 
 
-def _prepare_for_resume(path: str, resume_step: int | None) -> set[int]:
+def prepare_for_resume(path: str, resume_step: int | None) -> set[int]:
   """Makes metrics.jsonl hold only whole, readable records of steps up to `resume_step`
   (None: all steps; 0: nothing of an earlier start, hparams included); returns the steps
   that have an evaluation record. One warning names the file if it was damaged or torn."""
@@ -177,7 +177,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILENAME)
-    self.eval_steps = _prepare_for_resume(self.path, resume_step)
+    self.eval_steps = prepare_for_resume(self.path, resume_step)
     self._jsonl = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if tensorboard:
       logdir = os.path.join(workdir, TENSORBOARD_SUBDIR)

@@ -18,7 +18,6 @@ from typing import Sequence
 
 import ml_collections
 
-from usss_jax import files
 from usss_jax.domains import Domain
 from usss_jax.self_supervised import pretrain
 
@@ -46,13 +45,7 @@ def _finished_encoder(sub_workdir: str, options: pretrain.PretrainOptions) -> st
   encoder = os.path.join(sub_workdir, pretrain.ENCODER_FILE)
   if not os.path.exists(encoder):
     return None
-  record_path = os.path.join(sub_workdir, "pretrain.json")
-  recorded = (files.read_json(record_path).get("options") if os.path.exists(record_path)
-              else "unrecorded")
-  if recorded != pretrain.jsonable(options):
-    raise ValueError(
-        f"{record_path}: pretrained with other options ({recorded}) than "
-        f"config.self_supervised asks for; restore them, or remove {sub_workdir} to pretrain again")
+  pretrain.check_recorded_options(sub_workdir, options)
   return encoder
 
 

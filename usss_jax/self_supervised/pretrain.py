@@ -213,6 +213,18 @@ def jsonable(options: PretrainOptions) -> dict[str, Any]:
           for k, v in dataclasses.asdict(options).items()}
 
 
+def check_recorded_options(workdir: str, options: PretrainOptions, subject: str = "") -> None:
+  """Raises ValueError, naming pretrain.json and the fix, if the pretraining in `workdir` (its
+  encoder or checkpoint: `subject`) ran with other options than `options`."""
+  record_path = os.path.join(workdir, "pretrain.json")
+  recorded = (files.read_json(record_path).get("options") if os.path.exists(record_path)
+              else "unrecorded")
+  if recorded != jsonable(options):
+    raise ValueError(
+        f"{record_path}: {subject}pretrained with other options ({recorded}) than "
+        f"config.self_supervised asks for; restore them, or remove {workdir} to pretrain again")
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainOptions,
              domains: Sequence[domains_lib.Domain], *,
              log: Callable[[str], None] = logging.getLogger("usss_jax").info) -> dict:
@@ -238,11 +250,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
                                        keep_best=False)
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
-    recorded = files.read_json(record_path, "pretraining record").get("options")
-    if recorded != jsonable(options):
-      raise ValueError(f"{record_path}: the checkpoint at step {resume_step} was pretrained with "
-                       f"other options ({recorded}); restore them, or remove {workdir} to "
-                       "pretrain again")
+    check_recorded_options(workdir, options, f"the checkpoint at step {resume_step} was ")
   files.write_json(record_path, {"options": jsonable(options), "images": images,
                                  "config": json.loads(config.to_json())})
   model = make_model(config, options)
@@ -258,11 +266,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, options: PretrainO
     log(f"resuming the pretraining at step {resume_step}")
   first = 1 if resume_step is None else resume_step + 1
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  kept = ([r for r in metric_writers.read_records(metrics_path) if r["step"] <= first - 1]
-          if resume_step is not None and os.path.exists(metrics_path) else [])
+  # The lines of steps that run again (or of an earlier start without a checkpoint) go.
+  metric_writers.prepare_for_resume(metrics_path, resume_step or 0)
+  kept = metric_writers.read_records(metrics_path) if os.path.exists(metrics_path) else []
   last: dict[str, float] = kept[-1] if kept else {}
-  with open(metrics_path, "w", encoding="utf-8") as metrics_file:
-    metrics_file.writelines(json.dumps(r) + "\n" for r in kept)  # drops replayed steps' lines
+  with open(metrics_path, "a", encoding="utf-8") as metrics_file:
     batches = iter(stream)
     try:
       for step in range(first, options.steps + 1):
