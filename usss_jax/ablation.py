@@ -116,6 +116,7 @@ def _train(config, workdir: str) -> dict:
       "domains": report,
       "wall_seconds": time.time() - start,
       "steps": int(config.total_steps),
+      "machine": machine(),  # per run: a study's seeds may run on different machines
   }
   files.write_json(os.path.join(workdir, "final_eval.json"), summary)
   return summary
