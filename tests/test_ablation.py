@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -35,7 +36,11 @@ def test_ablation_single_and_full(demo_root, tmp_path):
   md = open(tmp_path / "results.md").read()
   assert "| single |" in md and "| full |" in md and "per-class IoU" in md
   assert open(tmp_path / "results.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-  # A second call finds every run finished and only rewrites the tables.
+  assert out["details"]["runs"]["seed0/full"]["machine"] == ablation.machine()  # per run
+  # A second call finds every run finished and only rewrites the tables, also where a run
+  # keeps only its records (a study's committed files: no checkpoint, no TensorBoard file).
+  for kept_out in ("checkpoints", "tensorboard"):
+    shutil.rmtree(tmp_path / "seed0" / "full" / kept_out)
   mtime = os.stat(tmp_path / "seed0" / "full" / "final_eval.json").st_mtime_ns
   again = ablation.run_ablation(config, str(tmp_path), seeds=[0], methods=["single", "full"])
   assert again["results"] == out["results"]

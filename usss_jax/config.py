@@ -241,7 +241,9 @@ def base_config() -> ml_collections.ConfigDict:
       distribution_alignment=False,
       class_stats_momentum=0.999,  # running means of the teacher's confidence and classes
       # student: the model, train-mode BN | ema: EMA weights, eval-mode BN | ema_train_bn: EMA
-      # weights, BN on the weak batch | frozen: the initial model (init_from / pretrained).
+      # weights, BN on the weak batch | frozen: the initial model (init_from / pretrained) |
+      # peer: Cross Pseudo Supervision, a second network trained beside the model, each
+      # labelling the other's weak view (it starts from the same loaded encoder, heads its own).
       teacher="student",
       ema_decay=0.99,
       ema_decay_start=-1.0,  # >= 0: the decay ramps linearly from it to ema_decay ...

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from usss_jax import config as config_lib
-from usss_jax import inference, metrics, sharding
+from usss_jax import inference, metrics, objectives, sharding
 from usss_jax import state as state_lib
 from usss_jax.data.base import IGNORE_LABEL
 from usss_jax.domains import Domain
@@ -170,7 +170,7 @@ class Evaluator:
   """What the training loop calls at evaluation steps: mIoU of every domain with evaluation
   examples, the TensorBoard prediction panels, and the console line. A state with a teacher
   (consistency's EMA or frozen teacher) has the teacher evaluated too ("teacher" in the
-  summary and the results).
+  summary and the results), and one with a peer (Cross Pseudo Supervision) the peer ("peer").
 
   Returns {"results": `evaluate_domains`, "summary": `summary`, "mean_miou" (the model's),
   "images", "line"}.
@@ -193,11 +193,12 @@ class Evaluator:
     report = summary(results, self.names)
     line = " ".join(f"{n}={results[n]['miou']:.4f}" for n in self.names if n in results)
     line = f"mIoU {line} mean={results['mean_miou']:.4f}"
-    if "teacher" in state:
-      teacher = self._evaluate(state["teacher"])
-      results["teacher"] = teacher
-      report["teacher"] = summary(teacher, self.names)
-      line += f" (teacher mean={teacher['mean_miou']:.4f})"
+    for other in ("teacher", objectives.PEER):
+      if other in state:
+        evaluated = self._evaluate(state_lib.model_variables(state[other]))
+        results[other] = evaluated
+        report[other] = summary(evaluated, self.names)
+        line += f" ({other} mean={evaluated['mean_miou']:.4f})"
     images = (prediction_panels(self.model, variables, self.domains,
                                 normalization=self.config.normalization)
               if jax.process_index() == 0 else {})

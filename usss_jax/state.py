@@ -10,7 +10,8 @@ One place builds what training, `Segmenter`, the analyses and the benchmarks all
   restore(config, workdir, ...)          a run's best or latest checkpoint
 
 The state is a dict: {"params", "batch_stats", "opt_state", "step": int32 [],
-"label_embeddings": tuple of [C_d * K, D] float32, and the method's extras (e.g. "teacher")}.
+"label_embeddings": tuple of [C_d * K, D] float32, and the method's extras (e.g. "teacher"),
+and with Cross Pseudo Supervision "peer": the second network's entries of the same kinds}.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives
   pretrained encoder if `config.pretrained` names one, the model of `config.init_from`'s run if
   given, the entropy module set to `embedding_projection` ((kernel [1, 1, F, D], bias [D]),
   e.g. the PCA of the label embeddings) if given, then the method's extras (a teacher starts as
-  a copy of that model)."""
+  a copy of that model; a peer from its own key, `peer_rng`, sharing what was loaded)."""
   init = functools.partial(_model_state, model, tx, input_hw=tuple(input_hw),
                            label_embeddings=tuple(label_embeddings))
   state = jax.jit(init, out_shardings=placement)(init_rng(config.seed))
@@ -167,7 +168,35 @@ def initial_state(config: ml_collections.ConfigDict, model, tx, spec: objectives
           f"{state['params']['embedding']['kernel'].shape} (config.embedding_dim)")
     params = {**state["params"], "embedding": {"kernel": kernel, "bias": bias}}
     state = jax.device_put({**state, "params": params}, placement)
-  return jax.jit(functools.partial(_with_method_state, spec), out_shardings=placement)(state)
+  state = jax.jit(functools.partial(_with_method_state, spec), out_shardings=placement)(state)
+  if spec.trains_peer:
+    peer = jax.jit(init, out_shardings=placement)(peer_rng(config.seed))
+    loaded = bool(config.pretrained or config.get("init_from"))
+    take = functools.partial(_initial_peer, spec, loaded, embedding_projection is not None)
+    state = {**state, objectives.PEER: jax.jit(take, out_shardings=placement)(peer, state)}
+  return state
+
+
+def peer_rng(seed: int) -> jax.Array:
+  """The initialisation key of Cross Pseudo Supervision's second network."""
+  return jax.random.fold_in(init_rng(seed), 1)
+
+
+def _initial_peer(spec: objectives.MethodSpec, loaded: bool, projected: bool, peer: dict,
+                  state: dict) -> dict:
+  """The peer's state at step 0: its own random initialisation, except the parts the model
+  loaded (the encoder of a pretrained / init_from start, the projection of the entropy
+  module), which both networks start from; the heads always differ."""
+  params, batch_stats = dict(peer["params"]), dict(peer["batch_stats"])
+  if loaded:
+    params["encoder"] = state["params"]["encoder"]
+    batch_stats["encoder"] = state["batch_stats"]["encoder"]
+  if projected:
+    params["embedding"] = state["params"]["embedding"]
+  peer = {**peer, "params": params, "batch_stats": batch_stats}
+  peer = _with_method_state(spec, peer)
+  # Copies: the step donates the state, and a buffer must not be donated twice.
+  return jax.tree.map(jnp.copy, {k: v for k, v in peer.items() if k != "step"})
 
 
 def abstract_state(config: ml_collections.ConfigDict, model, tx, spec: objectives.MethodSpec,
@@ -176,9 +205,11 @@ def abstract_state(config: ml_collections.ConfigDict, model, tx, spec: objective
   """ShapeDtypeStructs (with `placement`) of the state `initial_state` makes: what a
   checkpoint of the run restores into."""
   def init(rng):
-    state = _model_state(model, tx, rng, tuple(input_hw),
-                         placeholder_embeddings(config, num_classes))
-    return _with_method_state(spec, state)
+    state = _with_method_state(spec, _model_state(model, tx, rng, tuple(input_hw),
+                                                  placeholder_embeddings(config, num_classes)))
+    if spec.trains_peer:  # the peer's entries have the model's shapes
+      state[objectives.PEER] = {k: v for k, v in state.items() if k != "step"}
+    return state
   return sharding.abstract_like(jax.eval_shape(init, init_rng(0)), placement)
 
 

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from usss_jax import sharding
-from usss_jax.objectives import DomainContext, MethodSpec
+from usss_jax.objectives import PEER, DomainContext, MethodSpec
 
 
 def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
@@ -37,7 +37,8 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
   "unlabeled": {"image": [B_u, h, w, 3] (the weak view), and with strong views "strong"
   [B_u, h, w, 3], "cutmix_mask" [B_u, h, w] bool, "valid" [B_u, h, w] bool}}}.
   Metrics: "loss", "grad_norm", "<term>/<domain>" of every term with a non-zero weight, and
-  the terms' diagnostics.
+  the terms' diagnostics; with a peer (Cross Pseudo Supervision) the same again for the peer,
+  prefixed "peer/".
   """
   domain_names = tuple(domain_names)
 
@@ -67,7 +68,7 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
     metrics["loss"] = zero if total is None else total
     return metrics["loss"], (batch_stats, metrics, tuple(aux))
 
-  def train_step(state, batch):
+  def network_step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (batch_stats, metrics, aux)), grads = grad_fn(state["params"], state, batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -79,7 +80,36 @@ def make_train_step(model, tx: optax.GradientTransformation, spec: MethodSpec,
         new_state = term.update(spec, state, new_state, aux)
     return new_state, metrics
 
+  def train_step(state, batch):
+    if not spec.trains_peer:
+      return network_step(state, batch)
+    # Cross Pseudo Supervision: each network takes the other's weights before the step as its
+    # teacher, so the two updates are symmetric and independent of their order.
+    model_state, peer_state = split_peer(state)
+    new_model, metrics = network_step(model_state, batch)
+    new_peer, peer_metrics = network_step(peer_state, batch)
+    metrics.update({f"{PEER}/{k}": v for k, v in peer_metrics.items()})
+    return join_peer(new_model, new_peer), metrics
+
   return train_step
+
+
+def split_peer(state: dict) -> tuple[dict, dict]:
+  """(the model's, the peer's) states of a state with a peer, each with the other network's
+  {"params", "batch_stats"} as "teacher"; the step counter is shared."""
+  peer = state[PEER]
+  model_state = {k: v for k, v in state.items() if k != PEER}
+  return ({**model_state, "teacher": {"params": peer["params"],
+                                      "batch_stats": peer["batch_stats"]}},
+          {**peer, "step": state["step"], "teacher": {"params": state["params"],
+                                                      "batch_stats": state["batch_stats"]}})
+
+
+def join_peer(model_state: dict, peer_state: dict) -> dict:
+  """The inverse of `split_peer` after each network's step."""
+  drop = ("teacher", "step")
+  return {**{k: v for k, v in model_state.items() if k != "teacher"},
+          PEER: {k: v for k, v in peer_state.items() if k not in drop}}
 
 
 def _domain_terms(spec: MethodSpec, params, batch_stats, domain_batch: dict,

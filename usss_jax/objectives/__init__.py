@@ -40,6 +40,9 @@ from usss_jax.objectives import (alignment, class_statistics, consistency, cross
 from usss_jax.objectives.context import DomainContext, VIEWS
 from usss_jax.objectives.term import Term
 
+# The train-state key of the second network of Cross Pseudo Supervision (`MethodSpec.trains_peer`).
+PEER = "peer"
+
 # What each method minimises, in the order the terms run for every domain (the terms of the
 # labeled images first: the unlabeled ones run together, skipped during a warm-up).
 METHODS: dict[str, tuple[Term, ...]] = {
@@ -113,6 +116,11 @@ class MethodSpec:
   def uses_strong_views(self) -> bool:
     """Whether the unlabeled batches carry strong views and CutMix boxes."""
     return any(t.strong_views for t in self.terms)
+
+  @property
+  def trains_peer(self) -> bool:
+    """Whether a second network trains beside the model (state["peer"]; `Term.peer`)."""
+    return any(t.peer(self.options.get(t.options_key)) for t in self.terms)
 
   def has(self, name: str) -> bool:
     return any(t.name == name for t in self.terms)
@@ -188,4 +196,4 @@ def method_spec(config: ml_collections.ConfigDict) -> MethodSpec:
                     rampup_steps=int(schedule.rampup_steps))
 
 
-__all__ = ["METHODS", "MethodSpec", "Term", "DomainContext", "method_spec"]
+__all__ = ["METHODS", "PEER", "MethodSpec", "Term", "DomainContext", "method_spec"]

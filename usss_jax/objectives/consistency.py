@@ -12,7 +12,12 @@ Teachers (`consistency.teacher`):
   "ema_train_bn": the same weights, BatchNorm on the weak batch's own statistics (a teacher
     that does not lag behind the student's fast-moving running statistics);
   "frozen": the model as training starts (e.g. a finished basic run through `init_from`),
-    never updated, eval-mode BatchNorm.
+    never updated, eval-mode BatchNorm;
+  "peer": Cross Pseudo Supervision (Chen et al., CVPR 2021): a second network of its own
+    initialisation, trained at the same time, kept in the train state as "peer". Each network's
+    weak-view pseudo-labels (train-mode BatchNorm) train the other's strong view, and each
+    minimises the method's whole objective (its own supervised term included); the train
+    step runs both (`train_step`).
 The EMA decay can ramp from `ema_decay_start` to `ema_decay` over `ema_decay_rampup` steps.
 
 Thresholds (`consistency.threshold_rule`): "fixed" (`threshold` for every class) or
@@ -38,7 +43,7 @@ from usss_jax.objectives import class_statistics
 from usss_jax.objectives.context import DomainContext, forward
 from usss_jax.objectives.term import Term
 
-TEACHERS = ("student", "ema", "ema_train_bn", "frozen")
+TEACHERS = ("student", "ema", "ema_train_bn", "frozen", "peer")
 THRESHOLD_RULES = ("fixed", "freematch")
 
 
@@ -54,8 +59,13 @@ class ConsistencyOptions:
 
   @property
   def keeps_teacher(self) -> bool:
-    """Whether the teacher's weights are state of their own."""
-    return self.teacher != "student"
+    """Whether the teacher's weights are state of their own (a peer is a network of its
+    own: the train step hands each network the other as its teacher)."""
+    return self.teacher in ("ema", "ema_train_bn", "frozen")
+
+  @property
+  def trains_peer(self) -> bool:
+    return self.teacher == "peer"
 
   @property
   def class_statistics(self) -> bool:
@@ -92,7 +102,7 @@ def teacher_probabilities(params, batch_stats, weak: jax.Array, ctx: DomainConte
     if "teacher" not in ctx.memo:
       all_heads = ctx.spec.view_outputs.get("weak", {}).get("all_heads", False)
       out, _ = forward(ctx.model, ctx.state["teacher"], weak,
-                       train=opts.teacher == "ema_train_bn",
+                       train=opts.teacher in ("ema_train_bn", "peer"),
                        head=None if all_heads else ctx.index)
       ctx.memo["teacher"] = ({"all_logits": out["logits"], "logits": out["logits"][ctx.index]}
                              if all_heads else out)
@@ -211,4 +221,5 @@ TERM = Term(name="consistency", loss=weak_to_strong_consistency, weight="consist
             unlabeled=True, options=consistency_options,
             reads=lambda opts: {"weak": {"logits": True}, "strong": {"logits": True}},
             strong_views=True, class_statistics=lambda opts: opts.class_statistics,
+            peer=lambda opts: opts.trains_peer,
             init_state=_init_teacher, update=_update_teacher)

@@ -36,6 +36,9 @@ class Term:
     strong_views: reads the strong views and CutMix boxes of the unlabeled images.
     class_statistics: options -> whether it reads the class statistics
       (`class_statistics.py`; the method then tracks them).
+    peer: options -> whether the method trains a second network beside the model (Cross
+      Pseudo Supervision): the train step then runs the method for each network, the other
+      one as its "teacher" (`train_step`).
     init_state: (spec, params, batch_stats, num_classes per domain) -> train-state entries it
       adds (e.g. a teacher).
     update: (spec, state before, state after the gradient step, aux {domain: ctx.aux}) ->
@@ -51,6 +54,7 @@ class Term:
   label_embeddings: bool = False
   strong_views: bool = False
   class_statistics: Callable[[Any], bool] = lambda options: False
+  peer: Callable[[Any], bool] = lambda options: False
   init_state: Callable[..., dict] | None = None
   update: Callable[..., dict] | None = None
 
