@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import (TINY, assert_same_params, build_train_step, synthetic_batch,
+from helpers import (TINY, assert_same_params, build_train_step, rel_err, synthetic_batch,
                      tiny_demo_config, tiny_synthetic_config)
 from usss_jax import convert, modes, objectives, sharding, train_step, workdir as workdir_lib
 from usss_jax import state as state_lib
@@ -366,10 +366,9 @@ def test_cross_pseudo_supervision_trains_each_network_on_the_others_pseudo_label
   assert spec.trains_peer and "teacher" not in state
   batch = _batch()
   _, m = step(_copy(state), batch)
-  variables = lambda s: {"params": s["params"], "batch_stats": s["batch_stats"]}
   for prefix, me, other in (("", state, state["peer"]), ("peer/", state["peer"], state)):
     loss, grads = jax.value_and_grad(_hand_loss, argnums=1)(
-        model, me["params"], me["batch_stats"], variables(other), batch)
+        model, me["params"], me["batch_stats"], state_lib.model_variables(other), batch)
     np.testing.assert_allclose(float(m[prefix + "loss"]), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(m[prefix + "grad_norm"]),
                                float(optax.global_norm(grads)), rtol=1e-4)
@@ -431,9 +430,6 @@ def test_cross_pseudo_supervision_sharded_equals_single_device():
   # Gradients: float32 reduction order may flip the argmax of a near-tied pseudo-label.
   for key in ("grad_norm", "peer/grad_norm"):
     np.testing.assert_allclose(m_sharded[key], m_single[key], rtol=1e-3, err_msg=key)
-  def rel_diff(x, y):  # per tensor, relative to its largest entry (as test_train_step)
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12))
-  for net in (lambda s: s, lambda s: s["peer"]):
-    diffs = jax.tree.map(rel_diff, net(sharded)["params"], net(single)["params"])
+  for net in (lambda s: s, lambda s: s["peer"]):  # per tensor, relative to its largest entry
+    diffs = jax.tree.map(rel_err, net(sharded)["params"], net(single)["params"])
     assert max(jax.tree.leaves(diffs)) < 1e-4

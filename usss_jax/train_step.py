@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from usss_jax import sharding
+from usss_jax import state as state_lib
 from usss_jax.objectives import PEER, DomainContext, MethodSpec
 
 
@@ -99,10 +100,8 @@ def split_peer(state: dict) -> tuple[dict, dict]:
   {"params", "batch_stats"} as "teacher"; the step counter is shared."""
   peer = state[PEER]
   model_state = {k: v for k, v in state.items() if k != PEER}
-  return ({**model_state, "teacher": {"params": peer["params"],
-                                      "batch_stats": peer["batch_stats"]}},
-          {**peer, "step": state["step"], "teacher": {"params": state["params"],
-                                                      "batch_stats": state["batch_stats"]}})
+  return ({**model_state, "teacher": state_lib.model_variables(peer)},
+          {**peer, "step": state["step"], "teacher": state_lib.model_variables(state)})
 
 
 def join_peer(model_state: dict, peer_state: dict) -> dict:
